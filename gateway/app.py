@@ -1,0 +1,78 @@
+"""The gateway's Flask app: routes only; the request path itself lives in ``gateway.proxy``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from gateway import errors, proxy
+from gateway.broker import BrokerLink
+from proxymq.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def create_app(config: GatewayConfig | None = None) -> Flask:
+    """Build the app; the broker link starts in each worker process, after the fork."""
+    config = config or GatewayConfig.from_env(os.environ)
+    link = BrokerLink(config.broker_url)
+    app = Flask(__name__)
+    app.url_map.merge_slashes = False
+    app.config["PROXYMQ"] = config
+    app.extensions["proxymq.link"] = link
+
+    app.before_request(link.start)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        if link.ready:
+            return jsonify(status="ready"), 200
+        return jsonify(status="broker-unavailable"), 503
+
+    def forward(service: str, rest: str = "") -> Response:
+        correlation_id = str(uuid.uuid4())
+        try:
+            proxy.check_service(service, config)
+            proxy.check_header_size(request, config)
+            wait = proxy.wait_seconds(request, config)
+            envelope = proxy.build_request(service, request, config, wait)
+            reply = proxy.forward(link, envelope, correlation_id, wait)
+        except errors.GatewayError as error:
+            return errors.error_response(error, correlation_id)
+        return proxy.reply_response(reply, correlation_id)
+
+    for rule in ("/<service>", "/<service>/", "/<service>/<path:rest>"):
+        app.add_url_rule(
+            rule,
+            "forward",
+            forward,
+            methods=METHODS,
+            strict_slashes=False,
+            provide_automatic_options=False,
+        )
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        code = {404: "unknown-service", 413: "body-too-large"}.get(exc.code, "bad-request")
+        if exc.code == 405:
+            code = "method-not-allowed"
+        error = errors.GatewayError(exc.code or 400, code, exc.description or exc.name)
+        return errors.error_response(error, None)
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        error = errors.GatewayError(500, "internal-error", "the gateway failed; see its log")
+        return errors.error_response(error, None)
+
+    return app

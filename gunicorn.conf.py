@@ -1,0 +1,59 @@
+"""gunicorn settings for ``gunicorn gateway:app`` and ``gunicorn fetcher:app``.
+
+gunicorn reads this file in the master, before it forks. Configuration is validated
+here on purpose: gunicorn respawns a worker that dies at import forever, so a bad
+setting must stop the master with one line instead. Nothing here imports the apps
+(importing them in the master would create their state before the fork).
+"""
+
+import os
+import sys
+
+
+def _serving(module: str) -> bool:
+    return any(arg.split(":")[0] == module for arg in sys.argv[1:] if ":" in arg)
+
+
+def _stop(error: Exception) -> None:
+    sys.stderr.write(f"Error: {error}\n")
+    sys.exit(1)
+
+
+worker_class = "gevent"
+worker_connections = 2000
+keepalive = 30
+# Several gunicorns (gateway, fetcher) run side by side; the shared control socket
+# path would make them fight over it, and nothing here uses it.
+control_socket_disable = True
+
+if _serving("fetcher"):
+    from fetcher.config import ConfigError, FetcherConfig
+
+    try:
+        FetcherConfig.from_env(os.environ)
+    except ConfigError as error:
+        _stop(error)
+    bind = [os.environ.get("FETCHER_BIND", "0.0.0.0:8080")]
+else:
+    from proxymq.config import ConfigError, GatewayConfig
+
+    try:
+        _config = GatewayConfig.from_env(os.environ)
+    except ConfigError as error:
+        _stop(error)
+    bind = [_config.bind]
+    # Header limits are the gateway's to enforce (431 with its JSON error); gunicorn's own
+    # per-line limit is a backstop far above it, against unbounded reads.
+    limit_request_field_size = 4 * _config.max_header_bytes
+    limit_request_fields = 1000
+    # A SIGTERMed worker answers the requests it holds before it exits.
+    graceful_timeout = int(_config.reply_timeout) + 5
+
+
+def post_worker_init(worker) -> None:
+    """Connect this worker process to the broker (its own reply queue) before serving."""
+    extensions = getattr(worker.wsgi, "extensions", {})
+    link = extensions.get("proxymq.link")
+    if link is not None:
+        link.start()
+        link.wait_ready(5)

@@ -1,0 +1,263 @@
+"""Running the real processes for integration tests: gateway, workers, a downstream.
+
+Processes are started with the commands users run (``gunicorn gateway:app``,
+``celery -A workers worker -Q ...``) from the repository root, with their output in a
+log file that is printed when a test fails to start one. Readiness is awaited as a
+condition (an HTTP answer, a consumer on a queue), never as a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import kombu
+import requests
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BROKER_URL = os.environ.get("PROXYMQ_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval=0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if condition():
+                return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def unique_service(prefix: str = "t") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    """One started command; ``stop()`` terminates it and everything it spawned."""
+
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen = field(init=False)
+
+    def start(self) -> Process:
+        log = open(self.log_path, "wb")  # noqa: SIM115 -- closed with the process
+        self.popen = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signum)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.signal(signal.SIGKILL)  # stragglers of the process group
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXYMQ_", "FETCHER_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PROXYMQ_BROKER_URL"] = BROKER_URL
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Stack:
+    """Starts processes for one test module and stops them all at the end."""
+
+    def __init__(self) -> None:
+        self.processes: list[Process] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="proxymq-test-"))
+
+    def run(self, name: str, args: list[str], **env: str) -> Process:
+        log_path = self.dir / f"{name}-{len(self.processes)}.log"
+        process = Process([str(BIN / args[0]), *args[1:]], base_env(**env), log_path).start()
+        self.processes.append(process)
+        return process
+
+    def gateway(self, workers: int = 1, ready_path: str = "/readyz", **env: str) -> Gateway:
+        port = free_port()
+        env.setdefault("PROXYMQ_GATEWAY_BIND", f"127.0.0.1:{port}")
+        process = self.run("gateway", ["gunicorn", "gateway:app", "-w", str(workers)], **env)
+        gateway = Gateway(process, f"http://127.0.0.1:{port}")
+        self._await(
+            process, lambda: requests.get(gateway.url + ready_path, timeout=1).ok, "gateway"
+        )
+        return gateway
+
+    def worker(self, service: str, downstream_url: str, *extra: str, **env: str) -> Process:
+        env.setdefault("PROXYMQ_DOWNSTREAM_URL", downstream_url)
+        name = f"w{len(self.processes)}-{uuid.uuid4().hex[:6]}@%h"
+        args = ["celery", "-A", "workers", "worker", "-Q", f"{service}_requests", "-n", name]
+        process = self.run("worker", [*args, "--without-mingle", "--without-gossip", *extra], **env)
+        before = consumers(f"{service}_requests")
+        self._await(
+            process, lambda: consumers(f"{service}_requests") > before, f"worker for {service}"
+        )
+        return process
+
+    def _await(self, process: Process, condition: Callable[[], bool], what: str) -> None:
+        try:
+            wait_for(lambda: process.alive() and condition(), 30, what)
+        except TimeoutError:
+            raise AssertionError(f"{what} did not start:\n{process.log()[-4000:]}") from None
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+@dataclass
+class Gateway:
+    process: Process
+    url: str
+
+
+# -- broker ------------------------------------------------------------------------------
+
+
+def consumers(queue: str) -> int:
+    """Consumers on ``queue``, or -1 when it does not exist."""
+    with kombu.Connection(BROKER_URL) as connection:
+        try:
+            _, _, count = connection.default_channel.queue_declare(queue, passive=True)
+        except connection.channel_errors:
+            return -1
+        return count
+
+
+def queue_exists(queue: str) -> bool:
+    return consumers(queue) >= 0
+
+
+def delete_queues(*queues: str) -> None:
+    with kombu.Connection(BROKER_URL) as connection:
+        for queue in queues:
+            with contextlib.suppress(Exception):
+                connection.channel().queue_delete(queue)
+
+
+# -- a downstream we can watch -----------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_uri: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class Downstream:
+    """A threaded HTTP server in the test process that records every request.
+
+    Paths pick a behaviour: ``/sleep/<s>`` waits, ``/status/<code>`` answers that status,
+    ``/close`` drops the connection without answering; anything else echoes the body.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self._lock = threading.Lock()
+        self.port = free_port()
+        self.server = make_server("127.0.0.1", self.port, self._app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Downstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+
+    def requests_for(self, correlation_id: str) -> list[Seen]:
+        with self._lock:
+            return [
+                s for s in self.seen if dict(s.headers).get("X-Correlation-Id") == correlation_id
+            ]
+
+    def _app(self, environ, start_response):
+        request = Request(environ)
+        body = request.get_data()
+        seen = Seen(
+            request.method, environ.get("REQUEST_URI", ""), list(request.headers.items()), body
+        )
+        with self._lock:
+            self.seen.append(seen)
+        parts = request.path.strip("/").split("/")
+        if parts[0] == "sleep":
+            time.sleep(float(parts[1]))
+        elif parts[0] == "close":
+            environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+            environ["werkzeug.socket"].close()
+            return []
+        status = int(parts[1]) if parts[0] == "status" else 200
+        response = Response(body, status=status, content_type=request.content_type)
+        response.headers["X-Echo-Method"] = request.method
+        response.headers["X-Echo-Uri"] = seen.raw_uri
+        response.headers.add("Set-Cookie", "first=1")
+        response.headers.add("Set-Cookie", "second=2")
+        return response(environ, start_response)
+
+
+@contextlib.contextmanager
+def running_stack() -> Iterator[Stack]:
+    stack = Stack()
+    try:
+        yield stack
+    finally:
+        stack.stop()

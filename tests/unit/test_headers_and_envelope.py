@@ -1,0 +1,74 @@
+import os
+import time
+
+import msgpack
+import pytest
+
+from proxymq.envelope import (
+    TASK_NAME,
+    ReplyEnvelope,
+    RequestEnvelope,
+    decode_reply,
+    encode_reply,
+    task_message,
+)
+from proxymq.headers import end_to_end
+
+
+def test_hop_by_hop_headers_and_those_named_by_connection_are_dropped():
+    headers = [
+        ("Connection", "close, X-Private"),
+        ("X-Private", "1"),
+        ("Transfer-Encoding", "chunked"),
+        ("Set-Cookie", "a=1"),
+        ("Proxy-Authorization", "x"),
+        ("Set-Cookie", "b=2"),
+        ("Host", "h"),
+    ]
+    assert end_to_end(headers, also_drop=("host",)) == [
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+    ]
+
+
+def request() -> RequestEnvelope:
+    return RequestEnvelope(
+        service="svc",
+        method="POST",
+        path="/a%2Fb",
+        query="x=1&x=2",
+        headers=[("Content-Type", "application/octet-stream")],
+        body=os.urandom(1000),
+        deadline=int((time.time() + 30) * 1000),
+    )
+
+
+def test_task_message_is_a_celery_protocol_2_message_carrying_the_envelope():
+    original = request()
+    body, headers, properties = task_message(original, "cid-1", "reply-q")
+    assert headers["task"] == TASK_NAME
+    assert headers["id"] == "cid-1"
+    assert properties["correlation_id"] == "cid-1"
+    assert properties["reply_to"] == "reply-q"
+    assert properties["content_type"] == "application/x-msgpack"
+    assert 29_000 < int(properties["expiration"]) <= 30_000
+    args, kwargs, embed = msgpack.unpackb(body, raw=False)
+    assert kwargs == {} and set(embed) == {"callbacks", "errbacks", "chain", "chord"}
+    assert RequestEnvelope.from_wire(args[0]) == original
+
+
+def test_malformed_request_envelope_raises_value_error():
+    with pytest.raises(ValueError):
+        RequestEnvelope.from_wire({"service": "x"})
+
+
+def test_reply_round_trips_binary_bodies_and_repeated_headers():
+    reply = ReplyEnvelope(200, [("Set-Cookie", "a"), ("Set-Cookie", "b")], bytes(range(256)))
+    assert decode_reply(encode_reply(reply)) == reply
+    failure = ReplyEnvelope(502, error="downstream-unavailable", message="refused")
+    assert decode_reply(encode_reply(failure)) == failure
+
+
+def test_garbage_reply_raises_value_error():
+    with pytest.raises(ValueError):
+        decode_reply(b"\xc1not msgpack")

@@ -1,0 +1,83 @@
+"""The workers' Celery app: settings, service queues, and start-up validation.
+
+Defaults an I/O proxy needs, unlike Celery's: a thread pool of 64 (Celery's default is a
+prefork pool of one process per core, i.e. 2 calls at once here). Threads need no
+monkey-patching, so the plain ``celery -A workers worker`` runs calls concurrently;
+``-c`` still sets the limit and ``-P gevent`` still works. Acks are late and a lost
+worker's messages go back to the queue, so a killed worker loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from celery import Celery, signals
+from kombu import Queue
+
+from proxymq.config import ConfigError, ServiceConfig, WorkerConfig, broker_url
+from workers import runtime
+
+DEFAULT_CONCURRENCY = 64
+
+
+def _stop(error: ConfigError) -> None:
+    """Print one line and exit; ``os._exit`` because Celery would report a SystemExit
+    raised from a signal handler with a traceback."""
+    sys.stderr.write(f"Error: {error}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def service_queue(service: ServiceConfig) -> Queue:
+    """The service's durable queue, declared by the workers (never by the gateway)."""
+    arguments: dict = {}
+    if service.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    if service.queue_max_length is not None:
+        arguments["x-max-length"] = service.queue_max_length
+        arguments["x-overflow"] = "reject-publish"
+    # The gateway publishes to the default exchange, which routes by queue name; the
+    # binding Celery adds to its own exchange is unused but harmless.
+    return Queue(service.queue, routing_key=service.queue, durable=True, queue_arguments=arguments)
+
+
+def _broker_url() -> str:
+    try:
+        return broker_url(os.environ)
+    except ConfigError as error:
+        _stop(error)
+        raise
+
+
+app = Celery("workers", broker=_broker_url())
+app.conf.update(
+    task_serializer="msgpack",
+    accept_content=["msgpack", "json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_ignore_result=True,
+    worker_pool="threads",
+    worker_concurrency=DEFAULT_CONCURRENCY,
+    worker_prefetch_multiplier=1,
+    worker_send_task_events=True,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    broker_connection_retry_on_startup=True,
+    task_create_missing_queues=False,
+)
+
+
+@signals.celeryd_init.connect
+def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None:
+    """Read the configuration once the served queues (``-Q``) are known."""
+    options = options or {}
+    queues = options.get("queues")
+    if isinstance(queues, str):
+        queues = [q for q in queues.split(",") if q]
+    try:
+        config = WorkerConfig.from_env(os.environ, queues or None)
+    except ConfigError as error:
+        _stop(error)
+    conf.task_queues = [service_queue(service) for service in config.services.values()]
+    concurrency = options.get("concurrency") or conf.worker_concurrency
+    runtime.start(config, concurrency)
