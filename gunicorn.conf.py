@@ -8,6 +8,7 @@ setting must stop the master with one line instead. Nothing here imports the app
 
 import os
 import sys
+import tempfile
 
 
 def _serving(module: str) -> bool:
@@ -21,7 +22,8 @@ def _stop(error: Exception) -> None:
 
 worker_class = "gevent"
 worker_connections = 2000
-keepalive = 30
+# Idle keep-alive connections hold a graceful shutdown until they time out, so short.
+keepalive = 5
 # Several gunicorns (gateway, fetcher) run side by side; the shared control socket
 # path would make them fight over it, and nothing here uses it.
 control_socket_disable = True
@@ -48,6 +50,18 @@ else:
     limit_request_fields = 1000
     # A SIGTERMed worker answers the requests it holds before it exits.
     graceful_timeout = int(_config.reply_timeout) + 5
+    # Metrics of all worker processes meet in one directory (prometheus_client's
+    # multiprocess mode); it must exist, empty, before any worker imports the client.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="proxymq-metrics-")
+
+
+def child_exit(server, worker) -> None:
+    """Forget a dead worker's live gauges (its counters stay in the totals)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import errors, proxy
+from gateway import errors, metrics, proxy
 from gateway.broker import BrokerLink
 from proxymq.config import GatewayConfig
 
@@ -39,17 +40,38 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
             return jsonify(status="ready"), 200
         return jsonify(status="broker-unavailable"), 503
 
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
+
     def forward(service: str, rest: str = "") -> Response:
+        started = time.perf_counter()
         correlation_id = str(uuid.uuid4())
         try:
             proxy.check_service(service, config)
             proxy.check_header_size(request, config)
             wait = proxy.wait_seconds(request, config)
             envelope = proxy.build_request(service, request, config, wait)
-            reply = proxy.forward(link, envelope, correlation_id, wait)
+            with metrics.inflight.labels(service).track_inprogress():
+                reply = proxy.forward(link, envelope, correlation_id, wait)
         except errors.GatewayError as error:
-            return errors.error_response(error, correlation_id)
-        return proxy.reply_response(reply, correlation_id)
+            response = errors.error_response(error, correlation_id)
+            _count(service, response, started, error.code)
+            return response
+        response = proxy.reply_response(reply, correlation_id)
+        _count(service, response, started, reply.error)
+        return response
+
+    def _count(service: str, response: Response, started: float, code: str | None) -> None:
+        if code == "unknown-service":
+            service = metrics.UNKNOWN_SERVICE
+        elif code == "timeout":
+            metrics.timeouts_total.labels(service).inc()
+        elif code in ("queue-full", "broker-unavailable"):
+            metrics.shed_total.labels(service, code).inc()
+        metrics.requests_total.labels(service, str(response.status_code)).inc()
+        metrics.request_duration.labels(service).observe(time.perf_counter() - started)
 
     for rule in ("/<service>", "/<service>/", "/<service>/<path:rest>"):
         app.add_url_rule(

@@ -28,6 +28,9 @@ import msgpack
 from proxymq.headers import Headers
 
 TASK_NAME = "proxymq.forward"
+# Deliveries so far, counted by the workers (classic queues only flag redeliveries).
+DELIVERIES_HEADER = "proxymq_deliveries"
+SENT_HEADER = "proxymq_sent"
 CONTENT_TYPE = "application/x-msgpack"
 CONTENT_ENCODING = "binary"
 
@@ -97,9 +100,19 @@ class ReplyEnvelope:
 
 
 def task_message(
-    request: RequestEnvelope, correlation_id: str, reply_to: str | None, persistent: bool = False
+    request: RequestEnvelope,
+    correlation_id: str,
+    reply_to: str | None,
+    persistent: bool = False,
+    deliveries: int = 1,
+    sent: int | None = None,
 ) -> tuple[bytes, dict, dict]:
-    """Return ``(body, headers, properties)`` of the Celery task message for ``request``."""
+    """Return ``(body, headers, properties)`` of the Celery task message for ``request``.
+
+    ``deliveries`` and ``sent`` (epoch ms of the gateway's publish) are given when a
+    worker publishes the request again, to keep counting its deliveries.
+    """
+    now = int(time.time() * 1000)
     expires = datetime.fromtimestamp(request.deadline / 1000, tz=UTC).isoformat()
     headers = {
         "lang": "py",
@@ -117,6 +130,8 @@ def task_message(
         "kwargsrepr": "{}",
         "origin": _ORIGIN,
         "x-proxymq-deadline": request.deadline,
+        DELIVERIES_HEADER: deliveries,
+        SENT_HEADER: sent or now,
     }
     # The broker drops the message once nobody waits for its answer any more. Synchronous
     # requests are transient: their reply queue dies with the broker anyway, and
@@ -126,12 +141,16 @@ def task_message(
         "content_type": CONTENT_TYPE,
         "content_encoding": CONTENT_ENCODING,
         "delivery_mode": 2 if persistent else 1,
-        "expiration": str(max(1, request.deadline - int(time.time() * 1000))),
+        "expiration": str(max(1, request.deadline - now)),
     }
     if reply_to:
         properties["reply_to"] = reply_to
-    body = msgpack.packb([[request.to_wire()], {}, _EMBED], use_bin_type=True)
-    return body, headers, properties
+    return task_body([request.to_wire()]), headers, properties
+
+
+def task_body(args: list) -> bytes:
+    """The body of a Celery protocol-2 message with positional ``args``."""
+    return msgpack.packb([args, {}, _EMBED], use_bin_type=True)
 
 
 def encode_reply(reply: ReplyEnvelope) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,12 +137,17 @@ class Stack:
         )
         return gateway
 
-    def worker(self, service: str, downstream_url: str, *extra: str, **env: str) -> Process:
+    def worker(
+        self, service: str, downstream_url: str, *extra: str, wait: bool = True, **env: str
+    ) -> Process:
         env.setdefault("PROXYMQ_DOWNSTREAM_URL", downstream_url)
+        env.setdefault("PROXYMQ_WORKER_METRICS_PORT", str(free_port()))
         name = f"w{len(self.processes)}-{uuid.uuid4().hex[:6]}@%h"
         args = ["celery", "-A", "workers", "worker", "-Q", f"{service}_requests", "-n", name]
         process = self.run("worker", [*args, "--without-mingle", "--without-gossip", *extra], **env)
         before = consumers(f"{service}_requests")
+        if not wait:
+            return process
         self._await(
             process, lambda: consumers(f"{service}_requests") > before, f"worker for {service}"
         )
@@ -203,10 +209,12 @@ class Downstream:
     """A threaded HTTP server in the test process that records every request.
 
     Paths pick a behaviour: ``/sleep/<s>`` waits, ``/status/<code>`` answers that status,
-    ``/close`` drops the connection without answering; anything else echoes the body.
+    ``/close`` drops the connection without answering, ``/health`` answers 200 or 503 as
+    ``healthy`` says (and is not recorded); anything else echoes the body.
     """
 
     def __init__(self) -> None:
+        self.healthy = True
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         self.port = free_port()
@@ -232,6 +240,8 @@ class Downstream:
 
     def _app(self, environ, start_response):
         request = Request(environ)
+        if request.path == "/health":
+            return Response(status=200 if self.healthy else 503)(environ, start_response)
         body = request.get_data()
         seen = Seen(
             request.method, environ.get("REQUEST_URI", ""), list(request.headers.items()), body
@@ -261,3 +271,64 @@ def running_stack() -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+# -- a RabbitMQ node of the test's own, to stop and start ----------------------------------
+
+
+class PrivateBroker:
+    """A RabbitMQ node with its own name, port and data directory.
+
+    Tests that stop the broker use one of these, never the shared node on 5672.
+    """
+
+    def __init__(self) -> None:
+        # Not under pytest's tmp_path: its parents are private to root, and the node runs
+        # as the rabbitmq user.
+        directory = Path(tempfile.mkdtemp(prefix="proxymq-rabbitmq-"))
+        self.port = free_port()
+        self.node = f"proxymq-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.dir = directory
+        (directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (directory / "enabled_plugins").write_text("[].\n")
+        # rabbitmq-server drops root for the rabbitmq user, who must own its data dir.
+        if os.geteuid() == 0:
+            for path in (directory, *directory.iterdir()):
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(directory / "log"),
+            "RABBITMQ_PID_FILE": str(directory / "rabbit.pid"),
+        }
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _ctl(self, *args: str, timeout: float = 120) -> None:
+        subprocess.run(
+            ["rabbitmqctl", "-n", self.node, *args],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+    def start(self) -> None:
+        subprocess.run(["rabbitmq-server", "-detached"], env=self.env, check=True, timeout=60)
+        # -detached returns before the node registers; await_startup fails until it has.
+        wait_for(lambda: self._ctl("await_startup") is None, 120, f"RabbitMQ node {self.node}", 0.5)
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._ctl("stop", timeout=60)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+import prometheus_client
 from celery import Celery, signals
 from kombu import Queue
 
@@ -64,6 +65,7 @@ app.conf.update(
     worker_cancel_long_running_tasks_on_connection_loss=True,
     broker_connection_retry_on_startup=True,
     task_create_missing_queues=False,
+    worker_consumer="workers.consumer:Consumer",
 )
 
 
@@ -81,3 +83,22 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
     conf.task_queues = [service_queue(service) for service in config.services.values()]
     concurrency = options.get("concurrency") or conf.worker_concurrency
     runtime.start(config, concurrency)
+    try:
+        prometheus_client.start_http_server(config.metrics_port)
+    except OSError as exc:
+        _stop(
+            ConfigError(
+                "PROXYMQ_WORKER_METRICS_PORT",
+                f"cannot listen on {config.metrics_port}: {exc.strerror}",
+            )
+        )
+
+
+@signals.worker_ready.connect
+def _open_health_gate(sender=None, **_) -> None:
+    runtime.current().health.start(app, sender.hostname)
+
+
+@signals.worker_shutting_down.connect
+def _close_health_gate(**_) -> None:
+    runtime.current().health.stop()

@@ -1,4 +1,4 @@
-"""What a worker process holds while it serves: its configuration, HTTP pool, reply producer.
+"""What a worker process holds while it serves: configuration, HTTP pool, publisher, health.
 
 Built once, when the worker starts and its queues (``-Q``) are known; tasks reach it
 through ``current()``.
@@ -12,14 +12,16 @@ import requests
 
 from proxymq.config import WorkerConfig
 from workers import forwarding
-from workers.replies import ReplyPublisher
+from workers.health import HealthGate
+from workers.publisher import Publisher
 
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
     config: WorkerConfig
     http: requests.Session
-    replies: ReplyPublisher
+    publisher: Publisher
+    health: HealthGate
 
 
 _current: Runtime | None = None
@@ -30,7 +32,8 @@ def start(config: WorkerConfig, concurrency: int) -> Runtime:
     _current = Runtime(
         config=config,
         http=forwarding.session(concurrency),
-        replies=ReplyPublisher(config.broker_url, concurrency),
+        publisher=Publisher(config.broker_url, concurrency),
+        health=HealthGate(config.services),
     )
     return _current
 

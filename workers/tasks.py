@@ -6,38 +6,84 @@ import logging
 import time
 
 from celery import Task
+from celery.exceptions import Reject
 
-from proxymq.envelope import TASK_NAME, ReplyEnvelope, RequestEnvelope
-from workers import forwarding, runtime
+from proxymq.envelope import (
+    DELIVERIES_HEADER,
+    SENT_HEADER,
+    TASK_NAME,
+    RequestEnvelope,
+    task_body,
+    task_message,
+)
+from workers import forwarding, metrics, poison, runtime
 from workers.app import app
 
 log = logging.getLogger(__name__)
 
 
-def delivery_count(task: Task) -> int:
-    """1 on first delivery. Classic queues only say whether a message was redelivered."""
-    return 2 if (task.request.delivery_info or {}).get("redelivered") else 1
+def _headers(task: Task) -> dict:
+    """The message headers that count deliveries (Celery makes headers request attributes)."""
+    names = ("x-delivery-count", DELIVERIES_HEADER, SENT_HEADER)
+    return {name: getattr(task.request, name, None) for name in names}
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def forward(task: Task, wire: dict) -> None:
     state = runtime.current()
-    correlation_id = task.request.correlation_id or task.request.id
-    reply_to = task.request.reply_to
+    context = task.request
+    correlation_id = context.correlation_id or context.id
+    reply_to = context.reply_to
+    delivery = context.delivery_info or {}
+    queue = delivery.get("routing_key") or ""
     try:
         request = RequestEnvelope.from_wire(wire)
     except ValueError as exc:
-        reply = ReplyEnvelope(status=400, error="bad-request", message=str(exc))
-    else:
-        if request.deadline <= time.time() * 1000:
-            log.info("dropped expired request %s unseen by the downstream", correlation_id)
-            return
-        service = state.config.services.get(request.service)
-        if service is None:
-            reply = forwarding.unavailable(f"this worker does not serve {request.service!r}")
-        else:
-            reply = forwarding.call(
-                state.http, service, request, correlation_id, delivery_count(task)
-            )
+        reason = str(exc)
+        poison.dead_letter(state.publisher, "", queue, task_body([wire]), {}, {}, reason)
+        if reply_to:
+            state.publisher.reply(reply_to, correlation_id, poison.poison_reply(1))
+        return
+    service = state.config.services.get(request.service)
+    if service is None:
+        if reply_to:
+            message = f"this worker does not serve {request.service!r}"
+            state.publisher.reply(reply_to, correlation_id, forwarding.unavailable(message))
+        return
+    now_ms = time.time() * 1000
+    if request.deadline <= now_ms:
+        metrics.expired_total.labels(service.name).inc()
+        log.info("dropped expired request %s unseen by the downstream", correlation_id)
+        return
+
+    headers = _headers(task)
+    deliveries = poison.delivery_count(headers, bool(delivery.get("redelivered")))
+    sent = poison.sent_time(headers)
+    if deliveries > service.max_deliveries:
+        body, message_headers, properties = task_message(
+            request, correlation_id, reply_to, deliveries=deliveries, sent=sent
+        )
+        reason = f"{deliveries - 1} deliveries, PROXYMQ_MAX_DELIVERIES is {service.max_deliveries}"
+        poison.dead_letter(
+            state.publisher, service.name, queue, body, message_headers, properties, reason
+        )
+        if reply_to:
+            state.publisher.reply(reply_to, correlation_id, poison.poison_reply(deliveries - 1))
+        return
+    if delivery.get("redelivered") and headers["x-delivery-count"] is None:
+        # Classic queue: persist the count by publishing again (see workers.poison).
+        poison.publish_counted(
+            state.publisher, queue, request, correlation_id, reply_to, deliveries, sent
+        )
+        return
+    if not state.health.healthy(service.name):
+        raise Reject("the downstream is unhealthy", requeue=True)
+
+    if sent and deliveries == 1:
+        metrics.queue_wait.labels(service.name).observe(max(0.0, now_ms - sent) / 1000)
+    started = time.perf_counter()
+    reply = forwarding.call(state.http, service, request, correlation_id, deliveries)
+    metrics.downstream_duration.labels(service.name).observe(time.perf_counter() - started)
+    metrics.downstream_requests_total.labels(service.name, str(reply.status)).inc()
     if reply_to:
-        state.replies.publish(reply_to, correlation_id, reply)
+        state.publisher.reply(reply_to, correlation_id, reply)

@@ -1,0 +1,79 @@
+"""The gateway's Prometheus metrics, summed over every gunicorn worker process.
+
+prometheus_client's multiprocess mode: each process writes its samples to files in
+``PROMETHEUS_MULTIPROC_DIR`` (``gunicorn.conf.py`` sets it up in the master), and
+``/metrics`` reads them all, whichever process answers the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# A name nobody asked for must not become a label value: unknown services share one.
+UNKNOWN_SERVICE = "_unknown"
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
+
+requests_total = Counter(
+    "proxymq_gateway_requests_total",
+    "Requests answered, by service and status",
+    ["service", "status"],
+)
+request_duration = Histogram(
+    "proxymq_gateway_request_duration_seconds",
+    "Time from request to answer",
+    ["service"],
+    buckets=LATENCY_BUCKETS,
+)
+inflight = Gauge(
+    "proxymq_gateway_inflight",
+    "Requests waiting for a reply",
+    ["service"],
+    multiprocess_mode="livesum",
+)
+timeouts_total = Counter(
+    "proxymq_gateway_timeouts_total", "Requests answered 504 timeout", ["service"]
+)
+shed_total = Counter(
+    "proxymq_gateway_shed_total",
+    "Requests refused without reaching a worker (queue-full, broker-unavailable)",
+    ["service", "reason"],
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics text of all gateway processes (or of this one outside gunicorn)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST
