@@ -34,7 +34,10 @@ def service_queue(service: ServiceConfig) -> Queue:
     """The service's durable queue, declared by the workers (never by the gateway)."""
     arguments: dict = {}
     if service.queue_type == "quorum":
+        # Quorum queues count deliveries natively; the workers dead-letter (with a poison
+        # reply) one delivery before this backstop would drop the message.
         arguments["x-queue-type"] = "quorum"
+        arguments["x-delivery-limit"] = service.max_deliveries + 1
     if service.queue_max_length is not None:
         arguments["x-max-length"] = service.queue_max_length
         arguments["x-overflow"] = "reject-publish"

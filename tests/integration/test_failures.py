@@ -26,7 +26,7 @@ def private_broker():
 def test_broker_outage_fails_fast_and_everything_recovers(stack, downstream, private_broker):
     service = unique_service("outage")
     env = {"PROXYMQ_BROKER_URL": private_broker.url}
-    stack.worker(service, downstream.url, **env, wait=False)
+    worker = stack.worker(service, downstream.url, "--loglevel=INFO", **env, wait=False)
     gateway = stack.gateway(**env)
     wait_for(lambda: post(gateway, service, "/x").status_code == 200, 30, "first answer")
 
@@ -51,8 +51,10 @@ def test_broker_outage_fails_fast_and_everything_recovers(stack, downstream, pri
 
     private_broker.start()
     wait_for(lambda: requests.get(gateway.url + "/readyz").ok, 30, "gateway to reconnect")
-    wait_for(lambda: post(gateway, service, "/again").status_code == 200, 60, "worker back")
-    assert post(gateway, service, "/x", b"after").content == b"after"
+    wait_for(lambda: post(gateway, service, "/again", timeout=5).ok, 60, "worker back")
+    for i in range(5):
+        answer = post(gateway, service, f"/after/{i}", f"after {i}".encode(), timeout=10)
+        assert answer.content == f"after {i}".encode(), worker.log()[-5000:]
 
 
 def test_full_queue_sheds_with_503_and_queued_requests_wait_for_a_worker(stack, downstream):
@@ -214,3 +216,28 @@ def test_health_gate_holds_consumption_until_the_downstream_is_healthy(stack, do
     wait_for(lambda: consumers(f"{service}_requests") == 0, 10, "consumer stopped")
     downstream.healthy = True
     wait_for(lambda: consumers(f"{service}_requests") == 1, 10, "consumer resumed")
+
+
+def test_quorum_queue_serves_requests_and_counts_deliveries_natively(stack, downstream):
+    import subprocess
+
+    service = unique_service("quorum")
+    worker = stack.worker(service, downstream.url, PROXYMQ_QUEUE_TYPE="quorum")
+    gateway = stack.gateway()
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "type"], capture_output=True, text=True
+    ).stdout
+    assert f"{service}_requests\tquorum" in listing
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(post, gateway, service, "/sleep/3", b"q", timeout=60)
+        wait_for(lambda: any(s.raw_uri == "/sleep/3" for s in downstream.seen), 10, "call")
+        worker.signal(signal.SIGKILL)
+        worker.popen.wait(10)
+        stack.worker(service, downstream.url, PROXYMQ_QUEUE_TYPE="quorum")
+        assert future.result().status_code == 200
+    counts = [
+        dict(s.headers)["X-Proxymq-Delivery-Count"]
+        for s in downstream.seen
+        if s.raw_uri == "/sleep/3"
+    ]
+    assert counts == ["1", "2"]

@@ -117,3 +117,18 @@ def test_bad_toml_file_is_one_line_naming_proxymq_config(tmp_path, document, pro
 def test_missing_toml_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^PROXYMQ_CONFIG: cannot read"):
         WorkerConfig.from_env({"PROXYMQ_CONFIG": str(tmp_path / "nope.toml")}, None)
+
+
+def test_service_queue_arguments_follow_the_service_settings():
+    from proxymq.config import ServiceConfig
+    from workers.app import service_queue
+
+    plain = service_queue(ServiceConfig("a", "http://a"))
+    assert (plain.name, plain.durable, plain.queue_arguments) == ("a_requests", True, {})
+    limited = service_queue(ServiceConfig("b", "http://b", queue_max_length=5, queue_type="quorum"))
+    assert limited.queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 4,
+        "x-max-length": 5,
+        "x-overflow": "reject-publish",
+    }
