@@ -10,9 +10,10 @@ import uuid
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import errors, metrics, proxy
+from gateway import errors, jobs, metrics, proxy
 from gateway.broker import BrokerLink
 from proxymq.config import GatewayConfig
+from proxymq.jobs import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     """Build the app; the broker link starts in each worker process, after the fork."""
     config = config or GatewayConfig.from_env(os.environ)
     link = BrokerLink(config.broker_url)
+    store = JobStore(config.result_url, config.job_ttl) if config.result_url else None
     app = Flask(__name__)
     app.url_map.merge_slashes = False
     app.config["PROXYMQ"] = config
@@ -45,12 +47,30 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         body, content_type = metrics.exposition()
         return Response(body, content_type=content_type)
 
+    @app.route("/jobs/<job_id>", methods=["GET", "DELETE"])
+    def job(job_id: str) -> Response:
+        credential = request.headers.get(config.job_auth_header)
+        try:
+            if request.method == "DELETE":
+                return jobs.delete(store, job_id, credential)
+            return jobs.poll(store, job_id, credential)
+        except errors.GatewayError as error:
+            return errors.error_response(error, job_id)
+
     def forward(service: str, rest: str = "") -> Response:
         started = time.perf_counter()
         correlation_id = str(uuid.uuid4())
         try:
             proxy.check_service(service, config)
             proxy.check_header_size(request, config)
+            if jobs.wants_async(request):
+                callback = jobs.callback_url(request)
+                envelope = proxy.build_request(
+                    service, request, config, config.job_timeout, job=True, callback=callback
+                )
+                response = jobs.submit(store, link, envelope, correlation_id, request, config)
+                _count(service, response, started, None)
+                return response
             wait = proxy.wait_seconds(request, config)
             envelope = proxy.build_request(service, request, config, wait)
             with metrics.inflight.labels(service).track_inprogress():

@@ -69,6 +69,13 @@ shed_total = Counter(
 )
 
 
+jobs_total = Counter(
+    "proxymq_gateway_jobs_total",
+    "Asynchronous jobs by what happened at the gateway (submitted, cancelled, forgotten)",
+    ["service", "event"],
+)
+
+
 def exposition() -> tuple[bytes, str]:
     """The metrics text of all gateway processes (or of this one outside gunicorn)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

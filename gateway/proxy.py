@@ -90,11 +90,20 @@ def _body_too_large(config: GatewayConfig) -> errors.GatewayError:
     )
 
 
+# Headers addressed to the gateway itself, never forwarded.
+OWN_HEADERS = ("host", "x-proxymq-timeout", "x-proxymq-callback")
+
+
 def build_request(
-    service: str, request: Request, config: GatewayConfig, wait: float
+    service: str,
+    request: Request,
+    config: GatewayConfig,
+    wait: float,
+    job: bool = False,
+    callback: str | None = None,
 ) -> RequestEnvelope:
     path, query = raw_target(request)
-    headers = end_to_end(request.headers.items(), also_drop=("host", TIMEOUT_HEADER.lower()))
+    headers = end_to_end(request.headers.items(), also_drop=OWN_HEADERS)
     return RequestEnvelope(
         service=service,
         method=request.method,
@@ -103,6 +112,8 @@ def build_request(
         headers=headers,
         body=read_body(request, config),
         deadline=int((time.time() + wait) * 1000),
+        job=job,
+        callback=callback,
     )
 
 

@@ -101,6 +101,12 @@ def _header_name(text: str) -> str:
     return text
 
 
+def _bool(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError("must be 'true' or 'false'")
+    return text == "true"
+
+
 def _text(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -204,6 +210,7 @@ class WorkerConfig:
     result_url: str | None = None
     job_ttl: int = 3600
     callback_secret: str | None = None
+    callback_allow_private: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], queues: list[str] | None = None) -> WorkerConfig:
@@ -220,6 +227,7 @@ class WorkerConfig:
             result_url=_read(env, "PROXYMQ_RESULT_URL", _redis_url, None),
             job_ttl=_read(env, "PROXYMQ_JOB_TTL", _positive_int, 3600),
             callback_secret=_read(env, "PROXYMQ_CALLBACK_SECRET", _text, None),
+            callback_allow_private=_read(env, "PROXYMQ_CALLBACK_ALLOW_PRIVATE", _bool, False),
         )
 
 

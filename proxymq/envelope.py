@@ -46,6 +46,8 @@ class RequestEnvelope:
     ``path`` and ``query`` are raw (still percent-encoded) so they reach the downstream
     exactly as the client wrote them; ``headers`` are end-to-end headers only.
     ``deadline`` is epoch milliseconds: past it, no client waits for the answer.
+    A ``job`` (``Prefer: respond-async``) stores its answer in the result store instead
+    of replying, and optionally POSTs it to ``callback``.
     """
 
     service: str
@@ -55,6 +57,8 @@ class RequestEnvelope:
     headers: Headers
     body: bytes
     deadline: int
+    job: bool = False
+    callback: str | None = None
 
     def to_wire(self) -> dict:
         return {
@@ -65,6 +69,8 @@ class RequestEnvelope:
             "headers": self.headers,
             "body": self.body,
             "deadline": self.deadline,
+            "job": self.job,
+            "callback": self.callback,
         }
 
     @classmethod
@@ -79,6 +85,8 @@ class RequestEnvelope:
                 headers=[(str(name), str(value)) for name, value in wire["headers"]],
                 body=bytes(wire["body"]),
                 deadline=int(wire["deadline"]),
+                job=bool(wire.get("job", False)),
+                callback=str(wire["callback"]) if wire.get("callback") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed request envelope: {exc!r}") from exc
@@ -103,7 +111,6 @@ def task_message(
     request: RequestEnvelope,
     correlation_id: str,
     reply_to: str | None,
-    persistent: bool = False,
     deliveries: int = 1,
     sent: int | None = None,
 ) -> tuple[bytes, dict, dict]:
@@ -135,12 +142,12 @@ def task_message(
     }
     # The broker drops the message once nobody waits for its answer any more. Synchronous
     # requests are transient: their reply queue dies with the broker anyway, and
-    # persisting them would cost a disk write each for nothing.
+    # persisting them would cost a disk write each for nothing. Jobs persist.
     properties = {
         "correlation_id": correlation_id,
         "content_type": CONTENT_TYPE,
         "content_encoding": CONTENT_ENCODING,
-        "delivery_mode": 2 if persistent else 1,
+        "delivery_mode": 2 if request.job else 1,
         "expiration": str(max(1, request.deadline - now)),
     }
     if reply_to:

@@ -62,3 +62,8 @@ dead_lettered_total = Counter(
     "Requests moved to <service>_requests.dead (too many deliveries, or undecodable)",
     ["service"],
 )
+jobs_total = Counter(
+    "proxymq_worker_jobs_total",
+    "Asynchronous jobs by outcome (completed, failed, skipped after a cancel)",
+    ["service", "outcome"],
+)

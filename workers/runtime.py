@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import requests
 
 from proxymq.config import WorkerConfig
+from proxymq.jobs import JobStore
 from workers import forwarding
+from workers.callbacks import CallbackSender
 from workers.health import HealthGate
 from workers.publisher import Publisher
 
@@ -22,6 +24,8 @@ class Runtime:
     http: requests.Session
     publisher: Publisher
     health: HealthGate
+    jobs: JobStore | None
+    callbacks: CallbackSender
 
 
 _current: Runtime | None = None
@@ -34,6 +38,8 @@ def start(config: WorkerConfig, concurrency: int) -> Runtime:
         http=forwarding.session(concurrency),
         publisher=Publisher(config.broker_url, concurrency),
         health=HealthGate(config.services),
+        jobs=JobStore(config.result_url, config.job_ttl) if config.result_url else None,
+        callbacks=CallbackSender(config.callback_secret, config.callback_allow_private),
     )
     return _current
 

@@ -79,11 +79,38 @@ def forward(task: Task, wire: dict) -> None:
     if not state.health.healthy(service.name):
         raise Reject("the downstream is unhealthy", requeue=True)
 
+    if request.job and not _start_job(state, service.name, correlation_id):
+        return
+
     if sent and deliveries == 1:
         metrics.queue_wait.labels(service.name).observe(max(0.0, now_ms - sent) / 1000)
     started = time.perf_counter()
     reply = forwarding.call(state.http, service, request, correlation_id, deliveries)
     metrics.downstream_duration.labels(service.name).observe(time.perf_counter() - started)
     metrics.downstream_requests_total.labels(service.name, str(reply.status)).inc()
-    if reply_to:
+    if request.job:
+        _finish_job(state, service.name, correlation_id, reply, request.callback)
+    elif reply_to:
         state.publisher.reply(reply_to, correlation_id, reply)
+
+
+def _start_job(state: runtime.Runtime, service: str, job_id: str) -> bool:
+    """Mark the job running; False (skip it) when it was cancelled or forgotten."""
+    if state.jobs is None:
+        # Not lost: the message returns to the queue for a worker that has a result store.
+        raise Reject("a job needs PROXYMQ_RESULT_URL on the worker", requeue=True)
+    if state.jobs.start(job_id):
+        return True
+    log.info("skipped job %s of %s: cancelled or forgotten", job_id, service)
+    metrics.jobs_total.labels(service, "skipped").inc()
+    return False
+
+
+def _finish_job(
+    state: runtime.Runtime, service: str, job_id: str, reply, callback: str | None
+) -> None:
+    state.jobs.finish(job_id, reply)
+    failed = reply.error is not None or reply.status >= 500
+    metrics.jobs_total.labels(service, "failed" if failed else "completed").inc()
+    if callback:
+        state.callbacks.send(callback, job_id, reply)

@@ -146,7 +146,7 @@ def test_unknown_service_is_404_and_leaves_no_queue_behind(gateway):
 
 @pytest.mark.parametrize("name", ["bad.name", "a" * 65, "healthz", "jobs", "sp%20ace"])
 def test_invalid_or_reserved_service_names_are_404(gateway, name):
-    response = requests.get(f"{gateway.url}/{name}/x")
+    response = requests.post(f"{gateway.url}/{name}/x/y")
     assert response.status_code == 404
     assert response.headers["X-ProxyMQ-Error"] == "unknown-service"
 

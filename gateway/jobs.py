@@ -1,0 +1,132 @@
+"""Asynchronous jobs on the gateway: 202 now, the answer later from ``/jobs/<id>``.
+
+A request with ``Prefer: respond-async`` is published like any other, but persistent,
+without a reply queue, and with ``PROXYMQ_JOB_TIMEOUT`` as its deadline; the worker puts
+the answer into the result store (``proxymq.jobs``), where any gateway process or replica
+finds it.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+import gevent
+import redis
+from flask import Request, Response
+
+from gateway import errors, metrics, proxy
+from gateway.broker import NACK, RETURNED, BrokerLink, BrokerUnavailable
+from proxymq.config import GatewayConfig, queue_name
+from proxymq.envelope import RequestEnvelope, task_message
+from proxymq.jobs import CANCELLED, DONE, QUEUED, Job, JobStore, owner_hash
+
+CALLBACK_HEADER = "X-ProxyMQ-Callback"
+PUBLISH_TIMEOUT = 10.0
+
+
+def wants_async(request: Request) -> bool:
+    """RFC 7240: ``Prefer: respond-async`` (among other preferences, any case)."""
+    preferences = ",".join(request.headers.getlist("Prefer")).lower()
+    return "respond-async" in {p.split(";")[0].strip() for p in preferences.split(",")}
+
+
+def callback_url(request: Request) -> str | None:
+    url = request.headers.get(CALLBACK_HEADER)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.bad_request(f"{CALLBACK_HEADER} must be an http or https URL")
+    return url
+
+
+def store_unavailable(exc: Exception) -> errors.GatewayError:
+    return errors.GatewayError(
+        503, "result-store-unavailable", f"the result store cannot be reached: {exc}", 5
+    )
+
+
+def unknown_job(job_id: str) -> errors.GatewayError:
+    return errors.GatewayError(404, "unknown-job", f"no job {job_id!r}")
+
+
+def _json(status: int, body: dict, **headers: str) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
+
+
+def submit(
+    store: JobStore | None,
+    link: BrokerLink,
+    envelope: RequestEnvelope,
+    job_id: str,
+    request: Request,
+    config: GatewayConfig,
+) -> Response:
+    """Record the job, publish it (confirmed), answer 202 with its location."""
+    if store is None:
+        raise errors.GatewayError(
+            501, "async-unavailable", "asynchronous jobs need PROXYMQ_RESULT_URL on the gateway"
+        )
+    owner = owner_hash(request.headers.get(config.job_auth_header))
+    try:
+        store.create(job_id, envelope.service, owner, envelope.deadline)
+    except redis.RedisError as exc:
+        raise store_unavailable(exc) from None
+    body, headers, properties = task_message(envelope, job_id, reply_to=None)
+    try:
+        outcome = link.publish(
+            queue_name(envelope.service), body, headers, properties, PUBLISH_TIMEOUT
+        )
+    except (BrokerUnavailable, gevent.Timeout) as exc:
+        store.forget(job_id)
+        raise errors.broker_unavailable(str(exc) or "no publisher confirm") from None
+    if outcome == RETURNED:
+        store.forget(job_id)
+        raise errors.unknown_service(envelope.service)
+    if outcome == NACK:
+        store.forget(job_id)
+        raise errors.queue_full(envelope.service)
+    metrics.jobs_total.labels(envelope.service, "submitted").inc()
+    location = f"/jobs/{job_id}"
+    return _json(
+        202,
+        {"id": job_id, "status": QUEUED, "location": location},
+        Location=location,
+        **{"X-Correlation-ID": job_id},
+    )
+
+
+def poll(store: JobStore | None, job_id: str, credential: str | None) -> Response:
+    """202 while pending; then the answer exactly as the synchronous call would give it."""
+    job = _owned(store, job_id, credential)
+    if job.status == DONE and job.reply is not None:
+        return proxy.reply_response(job.reply, job_id)
+    if job.expired:
+        raise errors.GatewayError(504, "timeout", "the job did not finish before its deadline")
+    return _json(202, {"id": job_id, "status": job.status}, **{"X-Correlation-ID": job_id})
+
+
+def delete(store: JobStore | None, job_id: str, credential: str | None) -> Response:
+    """Cancel a queued job (the worker will skip it) or forget a finished one."""
+    job = _owned(store, job_id, credential)
+    if job.status == DONE:
+        store.forget(job_id)
+        metrics.jobs_total.labels(job.service, "forgotten").inc()
+        return Response(status=204)
+    if store.cancel(job_id) != QUEUED:
+        raise errors.GatewayError(409, "job-running", f"job {job_id!r} is already running")
+    metrics.jobs_total.labels(job.service, CANCELLED).inc()
+    return Response(status=204)
+
+
+def _owned(store: JobStore | None, job_id: str, credential: str | None) -> Job:
+    if store is None:
+        raise unknown_job(job_id)
+    try:
+        job = store.get(job_id)
+    except redis.RedisError as exc:
+        raise store_unavailable(exc) from None
+    if job is None or not job.owned_by(credential):
+        raise unknown_job(job_id)
+    return job
