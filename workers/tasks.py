@@ -12,6 +12,7 @@ from proxymq.envelope import (
     DELIVERIES_HEADER,
     SENT_HEADER,
     TASK_NAME,
+    ReplyEnvelope,
     RequestEnvelope,
     task_body,
     task_message,
@@ -30,25 +31,22 @@ def _headers(task: Task) -> dict:
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def forward(task: Task, wire: dict) -> None:
+    """One request: admit it (deadline, deliveries, health, job state), call, answer."""
     state = runtime.current()
     context = task.request
     correlation_id = context.correlation_id or context.id
-    reply_to = context.reply_to
     delivery = context.delivery_info or {}
     queue = delivery.get("routing_key") or ""
     try:
         request = RequestEnvelope.from_wire(wire)
     except ValueError as exc:
-        reason = str(exc)
-        poison.dead_letter(state.publisher, "", queue, task_body([wire]), {}, {}, reason)
-        if reply_to:
-            state.publisher.reply(reply_to, correlation_id, poison.poison_reply(1))
+        poison.dead_letter(state.publisher, "", queue, task_body([wire]), {}, {}, str(exc))
+        _answer(state, None, correlation_id, context.reply_to, poison.poison_reply(1))
         return
     service = state.config.services.get(request.service)
     if service is None:
-        if reply_to:
-            message = f"this worker does not serve {request.service!r}"
-            state.publisher.reply(reply_to, correlation_id, forwarding.unavailable(message))
+        message = f"this worker does not serve {request.service!r}"
+        _answer(state, request, correlation_id, context.reply_to, forwarding.unavailable(message))
         return
     now_ms = time.time() * 1000
     if request.deadline <= now_ms:
@@ -61,24 +59,23 @@ def forward(task: Task, wire: dict) -> None:
     sent = poison.sent_time(headers)
     if deliveries > service.max_deliveries:
         body, message_headers, properties = task_message(
-            request, correlation_id, reply_to, deliveries=deliveries, sent=sent
+            request, correlation_id, context.reply_to, deliveries=deliveries, sent=sent
         )
         reason = f"{deliveries - 1} deliveries, PROXYMQ_MAX_DELIVERIES is {service.max_deliveries}"
         poison.dead_letter(
             state.publisher, service.name, queue, body, message_headers, properties, reason
         )
-        if reply_to:
-            state.publisher.reply(reply_to, correlation_id, poison.poison_reply(deliveries - 1))
+        reply = poison.poison_reply(deliveries - 1)
+        _answer(state, request, correlation_id, context.reply_to, reply)
         return
     if delivery.get("redelivered") and headers["x-delivery-count"] is None:
         # Classic queue: persist the count by publishing again (see workers.poison).
         poison.publish_counted(
-            state.publisher, queue, request, correlation_id, reply_to, deliveries, sent
+            state.publisher, queue, request, correlation_id, context.reply_to, deliveries, sent
         )
         return
     if not state.health.healthy(service.name):
         raise Reject("the downstream is unhealthy", requeue=True)
-
     if request.job and not _start_job(state, service.name, correlation_id):
         return
 
@@ -88,8 +85,19 @@ def forward(task: Task, wire: dict) -> None:
     reply = forwarding.call(state.http, service, request, correlation_id, deliveries)
     metrics.downstream_duration.labels(service.name).observe(time.perf_counter() - started)
     metrics.downstream_requests_total.labels(service.name, str(reply.status)).inc()
-    if request.job:
-        _finish_job(state, service.name, correlation_id, reply, request.callback)
+    _answer(state, request, correlation_id, context.reply_to, reply)
+
+
+def _answer(
+    state: runtime.Runtime,
+    request: RequestEnvelope | None,
+    correlation_id: str,
+    reply_to: str | None,
+    reply: ReplyEnvelope,
+) -> None:
+    """A job's answer goes to the result store (and its callback); others to reply_to."""
+    if request is not None and request.job:
+        _finish_job(state, request.service, correlation_id, reply, request.callback)
     elif reply_to:
         state.publisher.reply(reply_to, correlation_id, reply)
 
@@ -107,9 +115,10 @@ def _start_job(state: runtime.Runtime, service: str, job_id: str) -> bool:
 
 
 def _finish_job(
-    state: runtime.Runtime, service: str, job_id: str, reply, callback: str | None
+    state: runtime.Runtime, service: str, job_id: str, reply: ReplyEnvelope, callback: str | None
 ) -> None:
-    state.jobs.finish(job_id, reply)
+    if state.jobs is None or not state.jobs.finish(job_id, reply):
+        return
     failed = reply.error is not None or reply.status >= 500
     metrics.jobs_total.labels(service, "failed" if failed else "completed").inc()
     if callback:
