@@ -17,7 +17,7 @@ from celery import Celery, signals
 from kombu import Queue
 
 from proxymq.config import ConfigError, ServiceConfig, WorkerConfig, broker_url
-from workers import runtime
+from workers import batching, runtime
 
 DEFAULT_CONCURRENCY = 64
 
@@ -105,3 +105,7 @@ def _open_health_gate(sender=None, **_) -> None:
 @signals.worker_shutting_down.connect
 def _close_health_gate(**_) -> None:
     runtime.current().health.stop()
+
+
+# Services with a batch_url are consumed by this bootstep, not by the task consumer.
+app.steps["consumer"].add(batching.BatchStep)

@@ -27,6 +27,9 @@ CHECK_TIMEOUT = 2.0
 class HealthGate:
     def __init__(self, services: dict[str, ServiceConfig]) -> None:
         self._gated = {name: s for name, s in services.items() if s.health_url}
+        # Batch-mode queues belong to the batching bootstep, which asks ``healthy()``
+        # itself; Celery's add_consumer would hand them back to the task consumer.
+        self._switched = {name for name, s in self._gated.items() if not s.batch_url}
         self._healthy = dict.fromkeys(self._gated, False)
         self._stop = threading.Event()
 
@@ -36,8 +39,8 @@ class HealthGate:
     def start(self, app: Celery, hostname: str) -> None:
         if not self._gated:
             return
-        for service in self._gated.values():  # consume nothing until the first good check
-            self._switch(app, hostname, service, healthy=False)
+        for name in self._switched:  # consume nothing until the first good check
+            self._switch(app, hostname, self._gated[name], healthy=False)
         threading.Thread(target=self._run, args=(app, hostname), daemon=True).start()
 
     def stop(self) -> None:
@@ -51,7 +54,8 @@ class HealthGate:
                 healthy = _check(http, service.health_url)
                 if healthy != self._healthy[name]:
                     self._healthy[name] = healthy
-                    self._switch(app, hostname, service, healthy)
+                    if name in self._switched:
+                        self._switch(app, hostname, service, healthy)
             self._stop.wait(INTERVAL)
 
     @staticmethod
