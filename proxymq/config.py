@@ -211,6 +211,7 @@ class WorkerConfig:
     job_ttl: int = 3600
     callback_secret: str | None = None
     callback_allow_private: bool = False
+    task_events: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], queues: list[str] | None = None) -> WorkerConfig:
@@ -228,6 +229,7 @@ class WorkerConfig:
             job_ttl=_read(env, "PROXYMQ_JOB_TTL", _positive_int, 3600),
             callback_secret=_read(env, "PROXYMQ_CALLBACK_SECRET", _text, None),
             callback_allow_private=_read(env, "PROXYMQ_CALLBACK_ALLOW_PRIVATE", _bool, False),
+            task_events=_read(env, "PROXYMQ_TASK_EVENTS", _bool, True),
         )
 
 

@@ -84,6 +84,9 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
     except ConfigError as error:
         _stop(error)
     conf.task_queues = [service_queue(service) for service in config.services.values()]
+    # Flower and celery-exporter need task events; PROXYMQ_TASK_EVENTS=false saves three
+    # event messages per request. Set here: the worker reads it after this signal.
+    conf.worker_send_task_events = config.task_events
     concurrency = options.get("concurrency") or conf.worker_concurrency
     runtime.start(config, concurrency)
     try:

@@ -74,3 +74,11 @@ def test_without_a_broker_readyz_is_503_and_requests_fail_fast(stack):
     assert response.status_code == 503
     assert response.headers["X-ProxyMQ-Error"] == "broker-unavailable"
     assert int(response.headers["Retry-After"]) > 0
+
+
+def test_task_events_can_be_switched_off_for_peak_throughput(stack, downstream):
+    service = unique_service("noevents")
+    on = stack.worker(service, downstream.url)
+    off = stack.worker(service, downstream.url, PROXYMQ_TASK_EVENTS="false")
+    assert "task events: ON" in on.log()
+    assert "task events: OFF" in off.log()

@@ -132,3 +132,11 @@ def test_service_queue_arguments_follow_the_service_settings():
         "x-max-length": 5,
         "x-overflow": "reject-publish",
     }
+
+
+def test_task_events_switch_takes_only_true_or_false():
+    env = {"PROXYMQ_DOWNSTREAM_URL": "http://a", "PROXYMQ_SERVICE": "a"}
+    assert WorkerConfig.from_env(env).task_events is True
+    assert WorkerConfig.from_env({**env, "PROXYMQ_TASK_EVENTS": "false"}).task_events is False
+    with pytest.raises(ConfigError, match=r"^PROXYMQ_TASK_EVENTS: must be 'true' or 'false'"):
+        WorkerConfig.from_env({**env, "PROXYMQ_TASK_EVENTS": "no"})
