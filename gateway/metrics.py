@@ -20,27 +20,11 @@ from prometheus_client import (
     multiprocess,
 )
 
+from proxymq.metrics import LATENCY_BUCKETS
+
 # A name nobody asked for must not become a label value: unknown services share one.
 UNKNOWN_SERVICE = "_unknown"
 
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-)
 
 requests_total = Counter(
     "proxymq_gateway_requests_total",

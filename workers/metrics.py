@@ -4,24 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-)
+from proxymq.metrics import LATENCY_BUCKETS
 
 downstream_requests_total = Counter(
     "proxymq_worker_downstream_requests_total",
