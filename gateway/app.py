@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import errors, jobs, metrics, proxy
 from gateway.broker import BrokerLink
-from proxymq.config import GatewayConfig
+from proxymq.config import GatewayConfig, queue_name
 from proxymq.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
                 return response
             wait = proxy.wait_seconds(request, config)
             envelope = proxy.build_request(service, request, config, wait)
-            with metrics.inflight.labels(service).track_inprogress():
+            with metrics.inflight.labels(_label(service)).track_inprogress():
                 reply = proxy.forward(link, envelope, correlation_id, wait)
         except errors.GatewayError as error:
             response = errors.error_response(error, correlation_id)
@@ -83,10 +83,17 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         _count(service, response, started, reply.error)
         return response
 
+    def _label(service: str) -> str:
+        """The service as a metric label, only once it is known to be real."""
+        if config.services is not None and service in config.services:
+            return service
+        if queue_name(service) in link.known_queues:
+            return service
+        return metrics.UNKNOWN_SERVICE
+
     def _count(service: str, response: Response, started: float, code: str | None) -> None:
-        if code == "unknown-service":
-            service = metrics.UNKNOWN_SERVICE
-        elif code == "timeout":
+        service = _label(service)
+        if code == "timeout":
             metrics.timeouts_total.labels(service).inc()
         elif code in ("queue-full", "broker-unavailable"):
             metrics.shed_total.labels(service, code).inc()

@@ -51,6 +51,9 @@ class BrokerLink:
         self._returned: set[str] = set()
         self.replies = ReplyRouter()
         self.reply_queue: str | None = None
+        # Queues that confirmed a publish: they exist, so their names are safe metric
+        # labels (a name any client can invent is not).
+        self.known_queues: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -137,33 +140,69 @@ class BrokerLink:
     # -- publishing ---------------------------------------------------------------------
 
     def publish(
-        self, routing_key: str, body: bytes, headers: dict, properties: dict, timeout: float
+        self,
+        routing_key: str,
+        body: bytes,
+        headers: dict,
+        properties: dict,
+        timeout: float,
+        reply: bool = False,
     ) -> str:
         """Publish one message (mandatory, confirmed); return ACK, RETURNED or NACK.
 
         RETURNED means no queue took the message (the broker sends basic.return before the
-        ack); NACK means the queue refused it (a full queue with ``reject-publish``).
-        Raises ``BrokerUnavailable`` at once while disconnected, and ``gevent.Timeout``
-        when the broker does not confirm within ``timeout``.
+        ack); NACK means the queue refused it (a full queue with ``reject-publish``). With
+        ``reply``, the message names this process's reply queue, read under the lock so it
+        is the queue of the channel that carries the message. Raises ``BrokerUnavailable``
+        at once while disconnected, or when the broker stops reading (a resource alarm) for
+        longer than ``timeout``; ``gevent.Timeout`` when it does not confirm in time.
         """
+        correlation_id = properties["correlation_id"]
         message = amqp.Message(body, application_headers=headers, **properties)
         result = AsyncResult()
-        with self._write_lock:
-            channel = self._channel
-            if channel is None:
-                raise BrokerUnavailable("not connected to the broker")
-            self._tag += 1
-            tag = self._tag
-            self._confirms[tag] = (properties["correlation_id"], result)
-            try:
-                channel.basic_publish(message, "", routing_key, mandatory=True)
-            except Exception as exc:
-                self._confirms.pop(tag, None)
-                raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
+        if not self._write_lock.acquire(timeout=timeout):
+            raise BrokerUnavailable("the broker is not accepting messages")
         try:
-            return result.get(timeout=timeout)
+            tag = self._write(routing_key, message, correlation_id, result, timeout, reply)
+        finally:
+            self._write_lock.release()
+        try:
+            outcome = result.get(timeout=timeout)
         finally:
             self._confirms.pop(tag, None)
+            self._returned.discard(correlation_id)
+        if outcome == ACK:
+            self.known_queues.add(routing_key)
+        return outcome
+
+    def _write(self, routing_key, message, correlation_id, result, timeout, reply) -> int:
+        """Under the write lock: number the publish for its confirm, write it, bounded."""
+        channel = self._channel
+        if channel is None:
+            raise BrokerUnavailable("not connected to the broker")
+        if reply:
+            message.properties["reply_to"] = self.reply_queue
+        self._tag += 1
+        tag = self._tag
+        self._confirms[tag] = (correlation_id, result)
+        try:
+            with gevent.Timeout(timeout):
+                channel.basic_publish(message, "", routing_key, mandatory=True)
+        except BaseException as exc:
+            # Half a frame may be on the wire and the delivery tags no longer match the
+            # broker's count: this connection cannot be used any more.
+            self._confirms.pop(tag, None)
+            self._break()
+            if isinstance(exc, Exception | gevent.Timeout):
+                raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
+            raise
+        return tag
+
+    def _break(self) -> None:
+        """Close the socket under the reader, which then tears down and reconnects."""
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.connection.collect()
 
     def _settle(self, delivery_tag: int, multiple: bool, outcome: str) -> None:
         tags = [t for t in self._confirms if t <= delivery_tag] if multiple else [delivery_tag]

@@ -79,13 +79,12 @@ def submit(
             queue_name(envelope.service), body, headers, properties, PUBLISH_TIMEOUT
         )
     except (BrokerUnavailable, gevent.Timeout) as exc:
-        store.forget(job_id)
+        _forget(store, job_id)
         raise errors.broker_unavailable(str(exc) or "no publisher confirm") from None
-    if outcome == RETURNED:
-        store.forget(job_id)
-        raise errors.unknown_service(envelope.service)
-    if outcome == NACK:
-        store.forget(job_id)
+    if outcome in (RETURNED, NACK):
+        _forget(store, job_id)
+        if outcome == RETURNED:
+            raise errors.unknown_service(envelope.service)
         raise errors.queue_full(envelope.service)
     metrics.jobs_total.labels(envelope.service, "submitted").inc()
     location = f"/jobs/{job_id}"
@@ -111,10 +110,14 @@ def delete(store: JobStore | None, job_id: str, credential: str | None) -> Respo
     """Cancel a queued job (the worker will skip it) or forget a finished one."""
     job = _owned(store, job_id, credential)
     if job.status == DONE:
-        store.forget(job_id)
+        _forget(store, job_id)
         metrics.jobs_total.labels(job.service, "forgotten").inc()
         return Response(status=204)
-    if store.cancel(job_id) != QUEUED:
+    try:
+        cancelled = store.cancel(job_id) == QUEUED
+    except redis.RedisError as exc:
+        raise store_unavailable(exc) from None
+    if not cancelled:
         raise errors.GatewayError(409, "job-running", f"job {job_id!r} is already running")
     metrics.jobs_total.labels(job.service, CANCELLED).inc()
     return Response(status=204)
@@ -130,3 +133,10 @@ def _owned(store: JobStore | None, job_id: str, credential: str | None) -> Job:
     if job is None or not job.owned_by(credential):
         raise unknown_job(job_id)
     return job
+
+
+def _forget(store: JobStore, job_id: str) -> None:
+    try:
+        store.forget(job_id)
+    except redis.RedisError as exc:
+        raise store_unavailable(exc) from None

@@ -124,8 +124,9 @@ def forward(
     give_up = time.monotonic() + wait
     waiter = link.replies.expect(correlation_id)
     try:
-        body, headers, properties = task_message(envelope, correlation_id, link.reply_queue)
-        outcome = link.publish(queue_name(envelope.service), body, headers, properties, wait)
+        body, headers, properties = task_message(envelope, correlation_id, reply_to=None)
+        queue = queue_name(envelope.service)
+        outcome = link.publish(queue, body, headers, properties, wait, reply=True)
         if outcome == RETURNED:
             raise errors.unknown_service(envelope.service)
         if outcome == NACK:
@@ -145,5 +146,9 @@ def reply_response(reply: ReplyEnvelope, correlation_id: str) -> Response:
         error = errors.GatewayError(reply.status, reply.error, reply.message)
         return errors.error_response(error, correlation_id)
     response = PassthroughResponse(reply.body, status=reply.status, headers=reply.headers)
+    # Werkzeug sets Content-Length from the body; a HEAD answer's own length must stay.
+    for name, value in reply.headers:
+        if name.lower() == "content-length":
+            response.headers["Content-Length"] = value
     response.headers["X-Correlation-ID"] = correlation_id
     return response

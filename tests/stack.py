@@ -251,11 +251,19 @@ class Downstream:
         parts = request.path.strip("/").split("/")
         if parts[0] == "sleep":
             time.sleep(float(parts[1]))
+        elif parts[0] == "truncate":  # promises 100 bytes, sends 5, hangs up
+            sock = environ["werkzeug.socket"]
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            return []
         elif parts[0] == "close":
             environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
             environ["werkzeug.socket"].close()
             return []
         status = int(parts[1]) if parts[0] == "status" else 200
+        if parts[0] == "sized":  # a fixed body, so HEAD has a Content-Length to keep
+            body = b"s" * 1234
         response = Response(body, status=status, content_type=request.content_type)
         response.headers["X-Echo-Method"] = request.method
         response.headers["X-Echo-Uri"] = seen.raw_uri

@@ -65,7 +65,9 @@ app.conf.update(
     worker_concurrency=DEFAULT_CONCURRENCY,
     worker_prefetch_multiplier=1,
     worker_send_task_events=True,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # The thread pool cannot cancel a running call; Celery would fail trying and its
+    # consumer restart with it. The call finishes; its message was requeued anyway.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     broker_connection_retry_on_startup=True,
     task_create_missing_queues=False,
     worker_consumer="workers.consumer:Consumer",

@@ -57,7 +57,7 @@ from kombu.message import Message
 
 from proxymq.config import ServiceConfig
 from proxymq.envelope import TASK_NAME, ReplyEnvelope, RequestEnvelope, task_message
-from workers import batch_call, forwarding, metrics, poison, runtime
+from workers import answering, batch_call, forwarding, metrics, poison, runtime
 from workers.batch_call import Item
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,26 @@ class Batcher:
             )
             message.ack()
             return None
+        if request.job and not self._start_job(message, request, correlation_id):
+            return None
         if sent and deliveries == 1:
             metrics.queue_wait.labels(service.name).observe(max(0.0, now - sent / 1000))
         received = time.monotonic()
         due = received + request.deadline / 1000 - now
         item = Item(correlation_id, request, deliveries)
         return Waiting(message, item, reply_to, received, due)
+
+    def _start_job(self, message: Message, request: RequestEnvelope, job_id: str) -> bool:
+        """Mark a job running; a cancelled one is acknowledged and skipped."""
+        try:
+            if answering.start_job(runtime.current(), self.service.name, job_id):
+                return True
+        except Exception:
+            log.exception("cannot start job %s; returning it to the queue", job_id)
+            message.reject(requeue=True)
+            return False
+        message.ack()
+        return False
 
     def _refuse(self, message, request, correlation_id, reply_to, deliveries, sent) -> None:
         """Answer without batching: another service's request, or poison."""
@@ -196,8 +210,7 @@ class Batcher:
                 publisher, service.name, service.queue, body, headers, properties, reason
             )
             reply = poison.poison_reply(deliveries - 1)
-        if reply_to:
-            publisher.reply(reply_to, correlation_id, reply)
+        answering.answer(runtime.current(), request, correlation_id, reply_to, reply)
         message.ack()
 
     # -- the closing rule ----------------------------------------------------------------
@@ -281,11 +294,11 @@ class Batcher:
         """In a reply thread: publish each reply (confirmed), then have its message
         acknowledged. A few replies per thread: a thread per reply costs more in thread
         switches than the confirms it overlaps."""
-        publisher = runtime.current().publisher
+        state = runtime.current()
         for waiting, reply in chunk:
+            item = waiting.item
             try:
-                if waiting.reply_to:
-                    publisher.reply(waiting.reply_to, waiting.item.correlation_id, reply)
+                answering.answer(state, item.request, item.correlation_id, waiting.reply_to, reply)
             except Exception:
                 log.exception("could not publish a reply of %s; requeueing", self.service.name)
                 self._settle(waiting.message, requeue=True)

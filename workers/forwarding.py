@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from proxymq.config import ServiceConfig
@@ -77,9 +78,9 @@ def call(
             headers = _raw_headers(response)
         finally:
             response.close()
-    except requests.RequestException as exc:
-        return unavailable(f"{type(exc).__name__}: {exc}")
-    except OSError as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        # urllib3's own errors escape requests when the body is read raw (a connection
+        # closed or stalled mid-body).
         return unavailable(f"{type(exc).__name__}: {exc}")
     return ReplyEnvelope(status=response.status_code, headers=end_to_end(headers), body=body)
 

@@ -12,12 +12,12 @@ from proxymq.envelope import (
     DELIVERIES_HEADER,
     SENT_HEADER,
     TASK_NAME,
-    ReplyEnvelope,
     RequestEnvelope,
     task_body,
     task_message,
 )
-from workers import forwarding, metrics, poison, runtime
+from workers import answering, forwarding, metrics, poison, runtime
+from workers.answering import answer
 from workers.app import app
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,12 @@ def forward(task: Task, wire: dict) -> None:
         request = RequestEnvelope.from_wire(wire)
     except ValueError as exc:
         poison.dead_letter(state.publisher, "", queue, task_body([wire]), {}, {}, str(exc))
-        _answer(state, None, correlation_id, context.reply_to, poison.poison_reply(1))
+        answer(state, None, correlation_id, context.reply_to, poison.poison_reply(1))
         return
     service = state.config.services.get(request.service)
     if service is None:
         message = f"this worker does not serve {request.service!r}"
-        _answer(state, request, correlation_id, context.reply_to, forwarding.unavailable(message))
+        answer(state, request, correlation_id, context.reply_to, forwarding.unavailable(message))
         return
     now_ms = time.time() * 1000
     if request.deadline <= now_ms:
@@ -66,7 +66,7 @@ def forward(task: Task, wire: dict) -> None:
             state.publisher, service.name, queue, body, message_headers, properties, reason
         )
         reply = poison.poison_reply(deliveries - 1)
-        _answer(state, request, correlation_id, context.reply_to, reply)
+        answer(state, request, correlation_id, context.reply_to, reply)
         return
     if delivery.get("redelivered") and headers["x-delivery-count"] is None:
         # Classic queue: persist the count by publishing again (see workers.poison).
@@ -74,9 +74,14 @@ def forward(task: Task, wire: dict) -> None:
             state.publisher, queue, request, correlation_id, context.reply_to, deliveries, sent
         )
         return
-    if not state.health.healthy(service.name):
-        raise Reject("the downstream is unhealthy", requeue=True)
-    if request.job and not _start_job(state, service.name, correlation_id):
+    if not state.health.healthy(service.name) or (request.job and state.jobs is None):
+        # Back to the queue, unanswered, with its delivery count unchanged: the service
+        # never saw it (a Reject would count as a delivery and end as poison).
+        poison.publish_counted(
+            state.publisher, queue, request, correlation_id, context.reply_to, deliveries, sent
+        )
+        return
+    if request.job and not answering.start_job(state, service.name, correlation_id):
         return
 
     if sent and deliveries == 1:
@@ -85,41 +90,9 @@ def forward(task: Task, wire: dict) -> None:
     reply = forwarding.call(state.http, service, request, correlation_id, deliveries)
     metrics.downstream_duration.labels(service.name).observe(time.perf_counter() - started)
     metrics.downstream_requests_total.labels(service.name, str(reply.status)).inc()
-    _answer(state, request, correlation_id, context.reply_to, reply)
-
-
-def _answer(
-    state: runtime.Runtime,
-    request: RequestEnvelope | None,
-    correlation_id: str,
-    reply_to: str | None,
-    reply: ReplyEnvelope,
-) -> None:
-    """A job's answer goes to the result store (and its callback); others to reply_to."""
-    if request is not None and request.job:
-        _finish_job(state, request.service, correlation_id, reply, request.callback)
-    elif reply_to:
-        state.publisher.reply(reply_to, correlation_id, reply)
-
-
-def _start_job(state: runtime.Runtime, service: str, job_id: str) -> bool:
-    """Mark the job running; False (skip it) when it was cancelled or forgotten."""
-    if state.jobs is None:
-        # Not lost: the message returns to the queue for a worker that has a result store.
-        raise Reject("a job needs PROXYMQ_RESULT_URL on the worker", requeue=True)
-    if state.jobs.start(job_id):
-        return True
-    log.info("skipped job %s of %s: cancelled or forgotten", job_id, service)
-    metrics.jobs_total.labels(service, "skipped").inc()
-    return False
-
-
-def _finish_job(
-    state: runtime.Runtime, service: str, job_id: str, reply: ReplyEnvelope, callback: str | None
-) -> None:
-    if state.jobs is None or not state.jobs.finish(job_id, reply):
-        return
-    failed = reply.error is not None or reply.status >= 500
-    metrics.jobs_total.labels(service, "failed" if failed else "completed").inc()
-    if callback:
-        state.callbacks.send(callback, job_id, reply)
+    try:
+        answer(state, request, correlation_id, context.reply_to, reply)
+    except Exception as exc:
+        # Unanswered must not mean acknowledged (Celery acks failed tasks): back it goes.
+        log.exception("could not answer %s; returning it to the queue", correlation_id)
+        raise Reject(f"answer failed: {exc!r}", requeue=True) from exc

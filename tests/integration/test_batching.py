@@ -210,7 +210,7 @@ def test_an_item_missing_from_the_answer_is_502_for_that_request_alone(
     gateway, batched, batch_downstream
 ):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        slow = pool.submit(post, gateway, batched, "/slow/0.5", b"slow")
+        slow = pool.submit(post, gateway, batched, "/slow/2", b"slow")
         wait_for(lambda: batch_downstream.in_flight == 1, 5, "the slow call in flight")
         missing = pool.submit(post, gateway, batched, "/missing", b"m")
         others = [pool.submit(post, gateway, batched, "/ok", f"{i}".encode()) for i in range(3)]
@@ -330,3 +330,28 @@ def test_the_example_fetcher_answers_batches_end_to_end(stack, gateway, downstre
         assert response.json()["status"] == 200
         assert response.json()["url"] == target
     delete_queues(f"{service}_requests")
+
+
+def test_a_job_on_a_batch_service_is_stored_and_a_cancelled_one_skipped(stack, batch_downstream):
+    result_url = "redis://127.0.0.1:6379/0"
+    service = unique_service("batchjob")
+    batch_worker(stack, service, batch_downstream.url, PROXYMQ_RESULT_URL=result_url).stop()
+    gateway = stack.gateway(PROXYMQ_RESULT_URL=result_url)
+    headers = {"Prefer": "respond-async"}
+    cancelled = requests.post(f"{gateway.url}/{service}/ok", data=b"no", headers=headers)
+    assert requests.delete(gateway.url + cancelled.headers["Location"]).status_code == 204
+    accepted = requests.post(f"{gateway.url}/{service}/ok", data=b"stored", headers=headers)
+    batch_worker(stack, service, batch_downstream.url, PROXYMQ_RESULT_URL=result_url)
+    location = accepted.headers["Location"]
+    answers = []
+    wait_for(
+        lambda: (
+            answers.append(requests.get(gateway.url + location)) or answers[-1].status_code != 202
+        ),
+        20,
+        "the job's answer",
+    )
+    assert (answers[-1].status_code, answers[-1].content) == (200, b"stored")
+    seen = {item["correlation_id"] for item in batch_downstream.items()}
+    assert accepted.json()["id"] in seen
+    assert cancelled.json()["id"] not in seen

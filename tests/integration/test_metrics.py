@@ -24,9 +24,7 @@ def test_gateway_and_worker_count_every_request_across_processes(stack, downstre
     for i in range(20):
         assert requests.post(f"{gateway.url}/{service}/m", data=str(i)).status_code == 200
     assert requests.get(f"{gateway.url}/{service}/status/503").status_code == 503
-    timed_out = requests.get(
-        f"{gateway.url}/{service}/sleep/1", headers={"X-ProxyMQ-Timeout": "0.2"}
-    )
+    timed_out = requests.get(f"{gateway.url}/{service}/sleep/3", headers={"X-ProxyMQ-Timeout": "1"})
     assert timed_out.status_code == 504
     assert requests.get(f"{gateway.url}/{unique_service()}/x").status_code == 404
 

@@ -186,6 +186,19 @@ def test_downstream_closing_without_an_answer_is_502(gateway, service):
     assert response.headers["X-ProxyMQ-Error"] == "downstream-unavailable"
 
 
+def test_downstream_hanging_up_mid_body_is_502(gateway, service):
+    response = requests.get(url(gateway, service, "/truncate"), timeout=30)
+    assert response.status_code == 502
+    assert response.headers["X-ProxyMQ-Error"] == "downstream-unavailable"
+
+
+def test_head_keeps_the_downstreams_content_length(gateway, service):
+    response = requests.head(url(gateway, service, "/sized"))
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == "1234"
+    assert requests.get(url(gateway, service, "/sized")).content == b"s" * 1234
+
+
 def test_no_reply_within_the_wait_is_504_and_the_late_reply_is_dropped(gateway, service):
     started = time.monotonic()
     response = requests.get(
@@ -194,7 +207,7 @@ def test_no_reply_within_the_wait_is_504_and_the_late_reply_is_dropped(gateway, 
     elapsed = time.monotonic() - started
     assert response.status_code == 504
     assert response.headers["X-ProxyMQ-Error"] == "timeout"
-    assert 0.5 <= elapsed < 1.4
+    assert 0.5 <= elapsed < 1.45  # the 1.5 s answer must not be awaited
     time.sleep(1.5)  # let the late reply arrive at the gateway
     ok = requests.post(url(gateway, service, "/after"), data=b"after")
     assert (ok.status_code, ok.content) == (200, b"after")
@@ -218,7 +231,7 @@ def test_plain_worker_command_runs_many_downstream_calls_at_once(stack, downstre
             )
         )
     assert statuses == [200] * 20
-    assert time.monotonic() - started < 2.5  # 20 x 0.5 s in series would be 10 s
+    assert time.monotonic() - started < 4  # 20 x 0.5 s in series would be 10 s
 
 
 def test_concurrency_flag_limits_downstream_calls(stack, downstream):
