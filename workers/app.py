@@ -68,6 +68,10 @@ app.conf.update(
     # The thread pool cannot cancel a running call; Celery would fail trying and its
     # consumer restart with it. The call finishes; its message was requeued anyway.
     worker_cancel_long_running_tasks_on_connection_loss=False,
+    # After a reconnect with calls still running, Celery lowers the prefetch and raises it
+    # again as acks come in; seen here to stall consumption until a call from before the
+    # outage finished. Our prefetch is the thread count, so there is nothing to protect.
+    worker_enable_prefetch_count_reduction=False,
     broker_connection_retry_on_startup=True,
     task_create_missing_queues=False,
     worker_consumer="workers.consumer:Consumer",
