@@ -76,8 +76,8 @@ def _connect_first(conn: HTTPConnection, addresses: list[Resolved]) -> socket.so
     ) from last_error
 
 
-class GuardedHTTPConnection(HTTPConnection):
-    """Plain HTTP connection that refuses addresses outside ``address_policy``."""
+class _Guarded:
+    """What both connection classes add: a checked socket, and the socket kept for reads."""
 
     address_policy: AddressPolicy = staticmethod(is_public_address)
     read_socket: socket.socket | None = None
@@ -88,26 +88,21 @@ class GuardedHTTPConnection(HTTPConnection):
     def connect(self) -> None:
         super().connect()
         # http.client drops ``sock`` when it hands a closing connection to its response;
-        # the fetcher still needs the socket to shorten read timeouts to its deadline.
+        # the fetcher still needs the socket (for HTTPS, the TLS one) to shorten read
+        # timeouts to its deadline.
         self.read_socket = self.sock
 
 
-class GuardedHTTPSConnection(HTTPSConnection):
+class GuardedHTTPConnection(_Guarded, HTTPConnection):
+    """Plain HTTP connection that refuses addresses outside ``address_policy``."""
+
+
+class GuardedHTTPSConnection(_Guarded, HTTPSConnection):
     """HTTPS connection that refuses addresses outside ``address_policy``.
 
     Only the socket is opened here; TLS and certificate checks against the host name
     stay urllib3's, in ``connect()``.
     """
-
-    address_policy: AddressPolicy = staticmethod(is_public_address)
-    read_socket: socket.socket | None = None
-
-    def _new_conn(self) -> socket.socket:
-        return _open_checked(self, self.address_policy)
-
-    def connect(self) -> None:
-        super().connect()
-        self.read_socket = self.sock  # the TLS socket, see GuardedHTTPConnection.connect
 
 
 def _pool_classes(policy: AddressPolicy) -> dict[str, type[HTTPConnectionPool]]:

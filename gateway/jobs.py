@@ -16,9 +16,9 @@ import redis
 from flask import Request, Response
 
 from gateway import errors, metrics, proxy
-from gateway.broker import NACK, RETURNED, BrokerLink, BrokerUnavailable
-from proxymq.config import GatewayConfig, queue_name
-from proxymq.envelope import RequestEnvelope, task_message
+from gateway.broker import BrokerLink, BrokerUnavailable
+from proxymq.config import GatewayConfig
+from proxymq.envelope import RequestEnvelope
 from proxymq.jobs import CANCELLED, DONE, QUEUED, Job, JobStore, owner_hash
 
 CALLBACK_HEADER = "X-ProxyMQ-Callback"
@@ -73,19 +73,14 @@ def submit(
         store.create(job_id, envelope.service, owner, envelope.deadline)
     except redis.RedisError as exc:
         raise store_unavailable(exc) from None
-    body, headers, properties = task_message(envelope, job_id, reply_to=None)
     try:
-        outcome = link.publish(
-            queue_name(envelope.service), body, headers, properties, PUBLISH_TIMEOUT
-        )
+        proxy.publish(link, envelope, job_id, PUBLISH_TIMEOUT, reply=False)
     except (BrokerUnavailable, gevent.Timeout) as exc:
         _forget(store, job_id)
         raise errors.broker_unavailable(str(exc) or "no publisher confirm") from None
-    if outcome in (RETURNED, NACK):
+    except errors.GatewayError:  # unknown service, full queue
         _forget(store, job_id)
-        if outcome == RETURNED:
-            raise errors.unknown_service(envelope.service)
-        raise errors.queue_full(envelope.service)
+        raise
     metrics.jobs_total.labels(envelope.service, "submitted").inc()
     location = f"/jobs/{job_id}"
     return _json(

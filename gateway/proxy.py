@@ -124,13 +124,7 @@ def forward(
     give_up = time.monotonic() + wait
     waiter = link.replies.expect(correlation_id)
     try:
-        body, headers, properties = task_message(envelope, correlation_id, reply_to=None)
-        queue = queue_name(envelope.service)
-        outcome = link.publish(queue, body, headers, properties, wait, reply=True)
-        if outcome == RETURNED:
-            raise errors.unknown_service(envelope.service)
-        if outcome == NACK:
-            raise errors.queue_full(envelope.service)
+        publish(link, envelope, correlation_id, wait, reply=True)
         data = waiter.get(timeout=max(0.0, give_up - time.monotonic()))
     except gevent.Timeout:
         raise errors.timeout(wait) from None
@@ -139,6 +133,23 @@ def forward(
     finally:
         link.replies.forget(correlation_id)
     return decode_reply(data)
+
+
+def publish(
+    link: BrokerLink, envelope: RequestEnvelope, correlation_id: str, wait: float, reply: bool
+) -> None:
+    """Publish the request's message; an unroutable or refused one is the gateway's error.
+
+    Raises ``BrokerUnavailable`` and ``gevent.Timeout`` (no confirm in time) for the
+    caller to name, since a synchronous request and a job name them differently.
+    """
+    body, headers, properties = task_message(envelope, correlation_id, reply_to=None)
+    queue = queue_name(envelope.service)
+    outcome = link.publish(queue, body, headers, properties, wait, reply=reply)
+    if outcome == RETURNED:
+        raise errors.unknown_service(envelope.service)
+    if outcome == NACK:
+        raise errors.queue_full(envelope.service)
 
 
 def reply_response(reply: ReplyEnvelope, correlation_id: str) -> Response:

@@ -56,9 +56,11 @@ from kombu.common import ignore_errors
 from kombu.message import Message
 
 from proxymq.config import ServiceConfig
-from proxymq.envelope import TASK_NAME, ReplyEnvelope, RequestEnvelope, task_message
-from workers import answering, batch_call, forwarding, metrics, poison, runtime
+from proxymq.envelope import TASK_NAME, ReplyEnvelope, RequestEnvelope
+from workers import answering, batch_call, forwarding, metrics, runtime
+from workers.admission import Delivery, admit
 from workers.batch_call import Item
+from workers.consumer import dead_letter_message
 
 log = logging.getLogger(__name__)
 
@@ -148,70 +150,33 @@ class Batcher:
         try:
             request, correlation_id = decode(message)
         except ValueError as exc:
-            _dead_letter_undecodable(message, str(exc))
+            dead_letter_message(message, str(exc))  # acks, or leaves it for redelivery
             return None
         reply_to = message.properties.get("reply_to")
-        now = time.time()
         service = self.service
-        if request.deadline <= now * 1000:
-            metrics.expired_total.labels(service.name).inc()
+        if request.service != service.name:
+            reply = forwarding.unavailable(f"{service.queue} does not serve {request.service!r}")
+            answering.answer(runtime.current(), request, correlation_id, reply_to, reply)
             message.ack()
             return None
-        headers = message.headers or {}
-        redelivered = bool((message.delivery_info or {}).get("redelivered"))
-        deliveries = poison.delivery_count(headers, redelivered)
-        sent = poison.sent_time(headers)
-        if request.service != service.name or deliveries > service.max_deliveries:
-            self._refuse(message, request, correlation_id, reply_to, deliveries, sent)
-            return None
-        if redelivered and headers.get("x-delivery-count") is None:
-            # Classic queue: persist the count by publishing again (see workers.poison).
-            publisher = runtime.current().publisher
-            poison.publish_counted(
-                publisher, service.queue, request, correlation_id, reply_to, deliveries, sent
-            )
+        delivery = Delivery(
+            request=request,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            queue=service.queue,
+            headers=message.headers or {},
+            redelivered=bool((message.delivery_info or {}).get("redelivered")),
+        )
+        # Health is the closing rule's to watch (the batcher holds its batches), not ours.
+        deliveries = admit(runtime.current(), service, delivery, hold=False)
+        if deliveries is None:
             message.ack()
             return None
-        if request.job and not self._start_job(message, request, correlation_id):
-            return None
-        if sent and deliveries == 1:
-            metrics.queue_wait.labels(service.name).observe(max(0.0, now - sent / 1000))
+        now = time.time()
         received = time.monotonic()
         due = received + request.deadline / 1000 - now
         item = Item(correlation_id, request, deliveries)
         return Waiting(message, item, reply_to, received, due)
-
-    def _start_job(self, message: Message, request: RequestEnvelope, job_id: str) -> bool:
-        """Mark a job running; a cancelled one is acknowledged and skipped."""
-        try:
-            if answering.start_job(runtime.current(), self.service.name, job_id):
-                return True
-        except Exception:
-            log.exception("cannot start job %s; returning it to the queue", job_id)
-            message.reject(requeue=True)
-            return False
-        message.ack()
-        return False
-
-    def _refuse(self, message, request, correlation_id, reply_to, deliveries, sent) -> None:
-        """Answer without batching: another service's request, or poison."""
-        publisher = runtime.current().publisher
-        service = self.service
-        if request.service != service.name:
-            reply = forwarding.unavailable(f"{service.queue} does not serve {request.service!r}")
-        else:
-            reason = (
-                f"{deliveries - 1} deliveries, PROXYMQ_MAX_DELIVERIES is {service.max_deliveries}"
-            )
-            body, headers, properties = task_message(
-                request, correlation_id, reply_to, deliveries=deliveries, sent=sent
-            )
-            poison.dead_letter(
-                publisher, service.name, service.queue, body, headers, properties, reason
-            )
-            reply = poison.poison_reply(deliveries - 1)
-        answering.answer(runtime.current(), request, correlation_id, reply_to, reply)
-        message.ack()
 
     # -- the closing rule ----------------------------------------------------------------
 
@@ -346,12 +311,6 @@ def decode(message: Message) -> tuple[RequestEnvelope, str]:
     if not correlation_id:
         raise ValueError("no correlation id")
     return request, str(correlation_id)
-
-
-def _dead_letter_undecodable(message: Message, reason: str) -> None:
-    from workers.consumer import _dead_letter  # acks, or leaves it for redelivery
-
-    _dead_letter(message, reason)
 
 
 def _unread_bytes(connection) -> Callable[[], bool]:

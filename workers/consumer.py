@@ -20,19 +20,19 @@ log = logging.getLogger(__name__)
 
 class Consumer(CeleryConsumer):
     def on_decode_error(self, message, exc) -> None:
-        _dead_letter(message, f"cannot be decoded: {exc}")
+        dead_letter_message(message, f"cannot be decoded: {exc}")
 
     def on_unknown_message(self, body, message) -> None:
-        _dead_letter(message, "not a Celery task message")
+        dead_letter_message(message, "not a Celery task message")
 
     def on_unknown_task(self, body, message, exc) -> None:
-        _dead_letter(message, f"unknown task: {exc}")
+        dead_letter_message(message, f"unknown task: {exc}")
 
     def on_invalid_task(self, body, message, exc) -> None:
-        _dead_letter(message, f"invalid task message: {exc}")
+        dead_letter_message(message, f"invalid task message: {exc}")
 
 
-def _dead_letter(message, reason: str) -> None:
+def dead_letter_message(message, reason: str) -> None:
     queue = (message.delivery_info or {}).get("routing_key") or ""
     service = queue.removesuffix(QUEUE_SUFFIX)
     state = runtime.current()

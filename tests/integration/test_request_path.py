@@ -180,14 +180,11 @@ def test_unreachable_downstream_is_502(stack, gateway):
     assert response.headers["X-ProxyMQ-Error"] == "downstream-unavailable"
 
 
-def test_downstream_closing_without_an_answer_is_502(gateway, service):
-    response = requests.get(url(gateway, service, "/close"))
-    assert response.status_code == 502
-    assert response.headers["X-ProxyMQ-Error"] == "downstream-unavailable"
-
-
-def test_downstream_hanging_up_mid_body_is_502(gateway, service):
-    response = requests.get(url(gateway, service, "/truncate"), timeout=30)
+@pytest.mark.parametrize(
+    "path", ["/close", "/truncate"], ids=["closing-without-an-answer", "hanging-up-mid-body"]
+)
+def test_downstream_hanging_up_is_502(gateway, service, path):
+    response = requests.get(url(gateway, service, path), timeout=30)
     assert response.status_code == 502
     assert response.headers["X-ProxyMQ-Error"] == "downstream-unavailable"
 
