@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import math
 
-TARGETS = (("direct", "direct stub"), ("rpc", "bare RPC loop"), ("gateway", "gateway path"))
+TARGETS = (
+    ("direct", "direct stub"),
+    ("rpc", "bare RPC loop"),
+    ("gateway", "gateway path"),
+    ("floor", "gateway, no-op worker"),
+)
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -31,6 +36,11 @@ def _load_cells(result: dict) -> list[str]:
     ]
 
 
+def _rounds(values: list[float]) -> str:
+    """Every round's value, so the reader sees the spread behind the median."""
+    return " / ".join(_num(v) for v in values) if len(values) > 1 else "-"
+
+
 def standard_report(results: dict) -> str:
     """Throughput/latency per concurrency, the gateway's ratios, CPU per request, RSS."""
     runs = results["runs"]
@@ -43,7 +53,10 @@ def standard_report(results: dict) -> str:
             [
                 concurrency,
                 _num(ratios["gateway_rps_over_rpc_rps"]),
+                _rounds(run.get("rounds", [])),
                 _num(ratios["gateway_p50_overhead_ms"]),
+                _num(ratios["floor_rps_over_rpc_rps"]),
+                _num(ratios["floor_p50_overhead_ms"]),
             ]
         )
         cpu = run["cpu_ms_per_request"]
@@ -54,6 +67,7 @@ def standard_report(results: dict) -> str:
                 _num(cpu["worker"]),
                 _num(cpu["gateway"] + cpu["worker"]),
                 _num(cpu["rpc_loop"]),
+                _num(cpu["gateway_floor"]),
             ]
         )
     rss_rows = [
@@ -64,7 +78,14 @@ def standard_report(results: dict) -> str:
         [
             _table(["c", "target", "req/s", "p50 ms", "p99 ms", "errors"], load_rows),
             _table(
-                ["c", "gateway ÷ RPC loop (req/s)", "gateway p50 - (RPC p50 + direct p50) ms"],
+                [
+                    "c",
+                    "gateway ÷ RPC loop (req/s)",
+                    "every round",
+                    "gateway p50 - (RPC p50 + direct p50) ms",
+                    "no-op worker: gateway ÷ RPC loop",
+                    "no-op worker: p50 - RPC p50 ms",
+                ],
                 ratio_rows,
             ),
             _table(
@@ -74,6 +95,7 @@ def standard_report(results: dict) -> str:
                     "worker ms CPU/req",
                     "gateway+worker",
                     "RPC loop (client+responder)",
+                    "gateway ms CPU/req, no-op worker",
                 ],
                 cpu_rows,
             ),
@@ -113,10 +135,16 @@ def compare_batch_report(results: dict) -> str:
         "worker ms CPU/req",
     ]
     summary = _table(
-        ["batch ÷ single req/s at c=64", "batch p50 - single p50 at c=1 (ms)", "stub capacity"],
+        [
+            "batch ÷ single req/s at c=64",
+            "every round",
+            "batch p50 - single p50 at c=1 (ms)",
+            "stub capacity",
+        ],
         [
             [
                 _num(results["batch_over_single_rps_64"]),
+                _rounds(results.get("rounds", [])),
                 _num(results["batch_minus_single_p50_ms_1"]),
                 results["stub_capacity"],
             ]

@@ -13,6 +13,11 @@ receive it. Both ends are pure Python py-amqp, like the gateway's and workers' s
   (``amq.rabbitmq.reply-to``, consumed no-ack on the channel it publishes on), and prints
   one JSON line: req/s, p50/p99 in ms, requests, errors, CPU seconds it used.
 
+- ``python bench/rpc_loop.py serve --queue S_requests --envelope`` answers as a worker that
+  costs nothing would: a ProxyMQ reply envelope (200, a ~100-byte body) to the gateway's
+  reply queue. ``bench/run.py`` points the gateway at it to measure the gateway's own
+  ceiling (the "gateway, no-op worker" row).
+
 Neither end uses publisher confirms: this is the floor of broker work per request; the
 gateway adds confirms and ``mandatory`` on top because it needs them.
 """
@@ -65,15 +70,18 @@ def consumer_count(url: str, queue: str) -> int:
 # -- responder --------------------------------------------------------------------------
 
 
-def serve(url: str, queue: str, prefetch: int) -> None:
-    """Answer every request on ``queue`` until SIGTERM/SIGINT."""
+def serve(url: str, queue: str, prefetch: int, envelope: bool = False) -> None:
+    """Answer every request on ``queue`` until SIGTERM/SIGINT; with ``envelope``, answer
+    a ProxyMQ reply envelope instead of echoing the body."""
     connection = connect(url)
     channel = connection.channel()
     channel.queue_declare(queue, durable=False, auto_delete=True)
     channel.basic_qos(0, prefetch, False)
+    canned = _canned_reply() if envelope else None
 
     def on_request(message: amqp.Message) -> None:
-        reply = amqp.Message(message.body, correlation_id=message.properties["correlation_id"])
+        body = canned or message.body
+        reply = amqp.Message(body, correlation_id=message.properties["correlation_id"])
         channel.basic_publish(reply, exchange="", routing_key=message.properties["reply_to"])
         channel.basic_ack(message.delivery_tag)
 
@@ -92,6 +100,15 @@ def serve(url: str, queue: str, prefetch: int) -> None:
         except TimeoutError:
             continue
     connection.close()
+
+
+def _canned_reply() -> bytes:
+    """One reply envelope made once: a worker that spends nothing on the request."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from proxymq.envelope import ReplyEnvelope, encode_reply
+
+    headers = [("Content-Type", "application/json")]
+    return encode_reply(ReplyEnvelope(status=200, headers=headers, body=BODY))
 
 
 # -- client -----------------------------------------------------------------------------
@@ -178,13 +195,14 @@ def main(argv: list[str] | None = None) -> None:
         "--broker-url", default=os.environ.get("BENCH_BROKER_URL", DEFAULT_BROKER_URL)
     )
     parser.add_argument("--queue", default="bench_rpc_loop")
+    parser.add_argument("--envelope", action="store_true", help="answer as a no-op worker")
     parser.add_argument("--prefetch", type=int, default=256, help="responder's prefetch window")
     parser.add_argument("-c", "--concurrency", type=int, default=16)
     parser.add_argument("-d", "--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.role == "serve":
-        serve(args.broker_url, args.queue, args.prefetch)
+        serve(args.broker_url, args.queue, args.prefetch, args.envelope)
         return
     result = run_client(args.broker_url, args.queue, args.concurrency, args.duration, args.warmup)
     sys.stdout.write(json.dumps(asdict(result)) + "\n")

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_int_list, default=[1, 16, 64], help="e.g. 1,16,64")
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure everything N times; report the median round"
+    )
     parser.add_argument("--gateway-procs", type=int, default=1, help="gunicorn -w")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes")
     parser.add_argument("--service", default="bench", help="service name (queue <name>_requests)")
@@ -118,6 +121,7 @@ class Stack:
     workers: list[Proc] = field(default_factory=list)
     responder: Proc | None = None
     responder_queue: str = ""
+    floor: Proc | None = None
 
     @property
     def queue(self) -> str:
@@ -126,6 +130,14 @@ class Stack:
     @property
     def service_url(self) -> str:
         return f"{self.gateway_url}/{self.args.service}/echo"
+
+    @property
+    def floor_service(self) -> str:
+        return f"{self.args.service}floor"
+
+    @property
+    def floor_url(self) -> str:
+        return f"{self.gateway_url}/{self.floor_service}/echo"
 
     def env(self, **extra: str) -> dict[str, str]:
         return procs.base_env(self.args.broker_url, **extra)
@@ -196,6 +208,18 @@ class Stack:
             "RPC responder",
         )
 
+    def start_floor(self) -> None:
+        """A no-op worker on its own service: the gateway's ceiling with a free worker."""
+        queue = f"{self.floor_service}_requests"
+        command = [sys.executable, "bench/rpc_loop.py", "serve", "--queue", queue, "--envelope"]
+        command += ["--broker-url", self.args.broker_url]
+        self.floor = self.procs.start("floor-responder", command, self.env())
+        procs.wait_until(
+            lambda: rpc_loop.consumer_count(self.args.broker_url, queue) > 0,
+            [self.floor],
+            "no-op worker",
+        )
+
     def wait_stub_quiet(self) -> None:
         """Let the previous run's leftovers (requests queued when wrk stopped) finish, so
         they do not slow the next measurement."""
@@ -258,6 +282,13 @@ def measure_rpc(stack: Stack, concurrency: int) -> Measured:
     return Measured(run.result, {"rpc_loop": responder_cpu + run.client_cpu_s})
 
 
+def measure_floor(stack: Stack, concurrency: int) -> Measured:
+    """The gateway answered by a worker that costs nothing (``rpc_loop.py serve --envelope``)."""
+    assert stack.gateway is not None
+    trees = {"gateway": [stack.gateway]}
+    return measured(trees, lambda: wrk(stack, stack.floor_url, concurrency, stack.args.duration))
+
+
 def warm_up(stack: Stack, concurrency: int) -> None:
     """First requests pay for lazy set-up (connections, imports, caches); not measured."""
     if stack.args.warmup <= 0:
@@ -267,6 +298,20 @@ def warm_up(stack: Stack, concurrency: int) -> None:
         stack.args.broker_url, stack.responder_queue, concurrency, stack.args.warmup
     )
     wrk(stack, stack.service_url, concurrency, stack.args.warmup)
+    wrk(stack, stack.floor_url, concurrency, stack.args.warmup)
+
+
+def median_round(rounds: list[dict], key: Callable[[dict], float]) -> dict:
+    """The round whose ``key`` is the median, with every round's value beside it: one
+    whole round, so the numbers in a row were measured together."""
+    ordered = sorted(rounds, key=key)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds"] = [key(r) for r in rounds]
+    return chosen
+
+
+def gateway_ratio(run: dict) -> float:
+    return run["ratios"]["gateway_rps_over_rpc_rps"] or 0.0
 
 
 def one_concurrency(stack: Stack, concurrency: int) -> dict:
@@ -275,18 +320,27 @@ def one_concurrency(stack: Stack, concurrency: int) -> dict:
     direct = wrk(stack, stack.stub_url + "/echo", concurrency, duration)
     rpc = measure_rpc(stack, concurrency)
     gateway = measure_gateway(stack, concurrency)
+    floor = measure_floor(stack, concurrency)
+
+    def over_rpc(result: LoadResult) -> float | None:
+        return result.rps / rpc.load.rps if rpc.load.rps else None
+
     return {
         "direct": direct.as_dict(),
         "rpc": rpc.load.as_dict(),
         "gateway": gateway.load.as_dict(),
+        "floor": floor.load.as_dict(),
         "ratios": {
-            "gateway_rps_over_rpc_rps": gateway.load.rps / rpc.load.rps if rpc.load.rps else None,
+            "gateway_rps_over_rpc_rps": over_rpc(gateway.load),
             "gateway_p50_overhead_ms": gateway.load.p50_ms - (rpc.load.p50_ms + direct.p50_ms),
+            "floor_rps_over_rpc_rps": over_rpc(floor.load),
+            "floor_p50_overhead_ms": floor.load.p50_ms - rpc.load.p50_ms,
         },
         "cpu_ms_per_request": {
             "gateway": gateway.ms_per_request("gateway"),
             "worker": gateway.ms_per_request("worker"),
             "rpc_loop": rpc.ms_per_request("rpc_loop"),
+            "gateway_floor": floor.ms_per_request("gateway"),
         },
     }
 
@@ -303,11 +357,15 @@ def run_standard(stack: Stack) -> dict:
     stack.start_gateway()
     stack.start_workers(worker_env)
     stack.start_responder()
+    stack.start_floor()
     stack.wait_path_ready()
     assert stack.gateway is not None
     rss_before = {"gateway": rss_mb([stack.gateway]), "worker": rss_mb(stack.workers)}
     warm_up(stack, max(args.concurrency))
-    runs = {str(c): one_concurrency(stack, c) for c in args.concurrency}
+    runs = {}
+    for c in args.concurrency:
+        rounds = [one_concurrency(stack, c) for _ in range(args.rounds)]
+        runs[str(c)] = median_round(rounds, gateway_ratio)
     rss_after = {"gateway": rss_mb([stack.gateway]), "worker": rss_mb(stack.workers)}
     return {
         "runs": runs,
@@ -329,15 +387,18 @@ def run_compare_batch(stack: Stack) -> dict:
         "single": {k: v for k, v in user_env.items() if k != "PROXYMQ_BATCH_URL"},
         "batch": BATCH_ENV | user_env,
     }
-    results: dict = {"worker_env": modes}
-    for mode, env in modes.items():
-        stack.start_workers(env)
-        stack.wait_path_ready()
-        if args.warmup > 0:
-            wrk(stack, stack.service_url, max(COMPARE_CONCURRENCY), args.warmup)
-        results[mode] = {str(c): compare_one(stack, c) for c in COMPARE_CONCURRENCY}
-        stack.stop_workers()
-    return results | compare_summary(results, args)
+    rounds = []
+    for _ in range(args.rounds):
+        one: dict = {"worker_env": modes}
+        for mode, env in modes.items():
+            stack.start_workers(env)
+            stack.wait_path_ready()
+            if args.warmup > 0:
+                wrk(stack, stack.service_url, max(COMPARE_CONCURRENCY), args.warmup)
+            one[mode] = {str(c): compare_one(stack, c) for c in COMPARE_CONCURRENCY}
+            stack.stop_workers()
+        rounds.append(one | compare_summary(one, args))
+    return median_round(rounds, lambda r: r["batch_over_single_rps_64"] or 0.0)
 
 
 def compare_one(stack: Stack, concurrency: int) -> dict:

@@ -24,12 +24,13 @@ answered (replies publishing, acks pending), one accumulating.
 Threads. Kombu calls ``on_message`` in the consumer thread (the thread running
 Celery's event loop), and Kombu channels are not thread-safe. So all batch state, the
 timers and every ack or reject live in that thread; the batch call runs in a small
-``ThreadPoolExecutor`` (``batch_concurrency`` threads per service) and replies are
-published from another pool through ``runtime.current().publisher`` (thread-safe, its
-own connections). A finished call and a published reply come back to the consumer
-thread through ``Consumer.call_soon``, Celery's own route for acks from pool threads
-(it wakes the event loop). Acks go through a queue drained in the consumer thread,
-which also lets a warm shutdown settle them before the channel closes. A message is
+``ThreadPoolExecutor`` (``batch_concurrency`` threads per service) and a batch's replies
+are published from another pool through ``runtime.current().publisher`` (thread-safe,
+its own connections), all together with one wait for their confirms. A finished call
+and a published reply come back to the consumer thread through ``Consumer.call_soon``,
+Celery's own route for acks from pool threads (it wakes the event loop). Acks go through
+a queue drained in the consumer thread, which also lets a warm shutdown settle them
+before the channel closes. A message is
 acknowledged only after its reply is published (acks late): a killed worker's batch
 is redelivered. Timers are the event loop's own (``c.timer``), firing in that thread.
 Batch mode is built for the default pool (threads, which runs Celery's event loop); with
@@ -67,8 +68,6 @@ log = logging.getLogger(__name__)
 RECHECK_S = 0.001  # bytes still unread: look again this soon
 ESTIMATE_WEIGHT = 0.2  # of the newest batch-call time in the running estimate
 UNHEALTHY_RECHECK_S = 0.5
-MAX_REPLY_THREADS = 32
-REPLY_CHUNK = 4  # replies published by one reply-pool task
 
 
 def batch_services() -> list[ServiceConfig]:
@@ -117,8 +116,8 @@ class Batcher:
         self._unread: Callable[[], bool] = lambda: False
         name = service.name
         self._calls = ThreadPoolExecutor(service.batch_concurrency, f"batch-{name}")
-        chunks = -(-service.batch_size // REPLY_CHUNK)
-        replies = min(MAX_REPLY_THREADS, 2 * chunks * service.batch_concurrency)
+        # One batch's replies being confirmed while the next batch's are published.
+        replies = 2 * service.batch_concurrency
         self._replies = ThreadPoolExecutor(replies, f"batch-reply-{name}")
 
     @property
@@ -251,21 +250,29 @@ class Batcher:
         answered = [(w, replies[w.item.correlation_id]) for w in batch]
         for _, reply in answered:
             metrics.downstream_requests_total.labels(name, str(reply.status)).inc()
-        for start in range(0, len(answered), REPLY_CHUNK):
-            chunk = answered[start : start + REPLY_CHUNK]
-            self._track(self._replies.submit(self._reply, chunk))
+        self._track(self._replies.submit(self._reply, answered))
 
-    def _reply(self, chunk: list[tuple[Waiting, ReplyEnvelope]]) -> None:
-        """In a reply thread: publish each reply (confirmed), then have its message
-        acknowledged. A few replies per thread: a thread per reply costs more in thread
-        switches than the confirms it overlaps."""
+    def _reply(self, answered: list[tuple[Waiting, ReplyEnvelope]]) -> None:
+        """In a reply thread (the call thread is free for the next batch): publish the
+        batch's replies with one wait for all their confirms, store its jobs' results,
+        then have each message acknowledged, or requeued when its answer failed."""
         state = runtime.current()
-        for waiting, reply in chunk:
+        replies = [(w, r) for w, r in answered if _is_reply(w)]
+        others = [(w, r) for w, r in answered if not _is_reply(w)]
+        try:
+            triples = [(w.reply_to, w.item.correlation_id, r) for w, r in replies]
+            confirmed = state.publisher.reply_many(triples) if triples else []
+        except Exception:
+            log.exception("could not publish the replies of %s; requeueing", self.service.name)
+            confirmed = [False] * len(replies)
+        for (waiting, _), ok in zip(replies, confirmed, strict=True):
+            self._settle(waiting.message, requeue=not ok)
+        for waiting, reply in others:
             item = waiting.item
             try:
                 answering.answer(state, item.request, item.correlation_id, waiting.reply_to, reply)
             except Exception:
-                log.exception("could not publish a reply of %s; requeueing", self.service.name)
+                log.exception("could not answer a request of %s; requeueing", self.service.name)
                 self._settle(waiting.message, requeue=True)
             else:
                 self._settle(waiting.message, requeue=False)
@@ -295,6 +302,11 @@ class Batcher:
             concurrent.futures.wait(list(self._futures), timeout=deadline - time.monotonic())
         self._drain()
         self._waiting.clear()
+
+
+def _is_reply(waiting: Waiting) -> bool:
+    """Answered on the gateway's reply queue (a job's answer goes to the result store)."""
+    return bool(waiting.reply_to) and not waiting.item.request.job
 
 
 def decode(message: Message) -> tuple[RequestEnvelope, str]:
