@@ -1,9 +1,17 @@
-"""Celery's consumer, with messages it cannot run dead-lettered instead of dropped.
+"""Celery's consumer, with messages it cannot run dead-lettered instead of dropped, and
+task events sent in bunches.
 
 Celery acknowledges a message it cannot decode and rejects one naming an unknown task or
 malformed as a task; either way the message is gone and its client waits for nothing.
 Here such a message goes to ``<queue>.dead`` as it was, and a client whose reply queue
 the message names gets 502 ``poison`` at once. (Selected with ``worker_consumer``.)
+
+Task events: Celery buffers them and publishes the buffer as one ``task.multi`` message
+on the event loop's next turn, i.e. right after each request is received and again after
+it succeeds: two messages per request, the first one while the request's thread waits
+for the GIL to start. Here the buffer is published at most ``EVENTS_FLUSH_S`` after its
+first event (or at Celery's own 24-event limit), so under load one message carries many
+events; Flower and celery-exporter see them a few milliseconds later.
 """
 
 from __future__ import annotations
@@ -17,8 +25,31 @@ from workers import poison, runtime
 
 log = logging.getLogger(__name__)
 
+EVENTS_FLUSH_S = 0.05
+
 
 class Consumer(CeleryConsumer):
+    _events_flush_due = False
+
+    def on_send_event_buffered(self) -> None:
+        """Called in any thread when a task event is buffered: flush later, not now."""
+        if self.hub and not self._events_flush_due:
+            self._events_flush_due = True
+            self.hub.call_soon(self._schedule_events_flush)  # thread-safe; the timer is not
+
+    def _schedule_events_flush(self) -> None:
+        self.hub.call_later(EVENTS_FLUSH_S, self._flush_due_events)
+
+    def _flush_due_events(self) -> None:
+        # Cleared before flushing: an event buffered meanwhile either goes in this flush
+        # or schedules the next one.
+        self._events_flush_due = False
+        self._flush_events()
+
+    def shutdown(self) -> None:
+        self._flush_events()  # what is still waiting for its timer
+        super().shutdown()
+
     def on_decode_error(self, message, exc) -> None:
         dead_letter_message(message, f"cannot be decoded: {exc}")
 
