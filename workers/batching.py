@@ -30,11 +30,11 @@ its own connections), all together with one wait for their confirms. A finished 
 and a published reply come back to the consumer thread through ``Consumer.call_soon``,
 Celery's own route for acks from pool threads (it wakes the event loop). Acks go through
 a queue drained in the consumer thread, which also lets a warm shutdown settle them
-before the channel closes. A message is
-acknowledged only after its reply is published (acks late): a killed worker's batch
-is redelivered. Timers are the event loop's own (``c.timer``), firing in that thread.
-Batch mode is built for the default pool (threads, which runs Celery's event loop); with
-``-P gevent`` it works the same way but acks may wait for the next loop turn.
+before the channel closes. A message is acknowledged only after its reply is published
+(acks late): a killed worker's batch is redelivered. Timers are the event loop's own
+(``c.timer``), firing in that thread. Batch mode is built for the default pool (threads,
+which runs Celery's event loop); with ``-P gevent`` it works the same way but acks may
+wait for the next loop turn.
 """
 
 from __future__ import annotations

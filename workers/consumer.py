@@ -17,6 +17,7 @@ events; Flower and celery-exporter see them a few milliseconds later.
 from __future__ import annotations
 
 import logging
+import time
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
@@ -29,13 +30,21 @@ EVENTS_FLUSH_S = 0.05
 
 
 class Consumer(CeleryConsumer):
-    _events_flush_due = False
+    _events_flush_at = 0.0  # monotonic time of the scheduled flush; 0.0: none
 
     def on_send_event_buffered(self) -> None:
-        """Called in any thread when a task event is buffered: flush later, not now."""
-        if self.hub and not self._events_flush_due:
-            self._events_flush_due = True
-            self.hub.call_soon(self._schedule_events_flush)  # thread-safe; the timer is not
+        """Called in any thread when a task event is buffered: flush later, not now.
+
+        A flush long overdue counts as none, so one that a reconnect dropped from the
+        timer delays events until the next one arrives but never stops them for good.
+        """
+        if not self.hub:
+            return
+        now = time.monotonic()
+        if self._events_flush_at and now < self._events_flush_at + EVENTS_FLUSH_S:
+            return
+        self._events_flush_at = now + EVENTS_FLUSH_S
+        self.hub.call_soon(self._schedule_events_flush)  # thread-safe; the timer is not
 
     def _schedule_events_flush(self) -> None:
         self.hub.call_later(EVENTS_FLUSH_S, self._flush_due_events)
@@ -43,7 +52,7 @@ class Consumer(CeleryConsumer):
     def _flush_due_events(self) -> None:
         # Cleared before flushing: an event buffered meanwhile either goes in this flush
         # or schedules the next one.
-        self._events_flush_due = False
+        self._events_flush_at = 0.0
         self._flush_events()
 
     def shutdown(self) -> None:
