@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="measure everything N times; report the median round"
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="measure everything N times; report the median round",
     )
     parser.add_argument("--gateway-procs", type=int, default=1, help="gunicorn -w")
     parser.add_argument("--workers", type=int, default=1, help="Celery worker processes")
@@ -76,6 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -285,6 +295,7 @@ def measure_rpc(stack: Stack, concurrency: int) -> Measured:
 def measure_floor(stack: Stack, concurrency: int) -> Measured:
     """The gateway answered by a worker that costs nothing (``rpc_loop.py serve --envelope``)."""
     assert stack.gateway is not None
+    stack.wait_stub_quiet()  # the gateway path's last requests must not be charged here
     trees = {"gateway": [stack.gateway]}
     return measured(trees, lambda: wrk(stack, stack.floor_url, concurrency, stack.args.duration))
 
@@ -302,8 +313,9 @@ def warm_up(stack: Stack, concurrency: int) -> None:
 
 
 def median_round(rounds: list[dict], key: Callable[[dict], float]) -> dict:
-    """The round whose ``key`` is the median, with every round's value beside it: one
-    whole round, so the numbers in a row were measured together."""
+    """The round whose ``key`` is the median (the lower of the middle two for an even
+    count), with every round's value beside it: one whole round, so the numbers in a row
+    were measured together."""
     ordered = sorted(rounds, key=key)
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["rounds"] = [key(r) for r in rounds]
@@ -315,7 +327,7 @@ def gateway_ratio(run: dict) -> float:
 
 
 def one_concurrency(stack: Stack, concurrency: int) -> dict:
-    """The three targets back to back at one concurrency, so their ratios share conditions."""
+    """The four targets back to back at one concurrency, so their ratios share conditions."""
     duration = stack.args.duration
     direct = wrk(stack, stack.stub_url + "/echo", concurrency, duration)
     rpc = measure_rpc(stack, concurrency)

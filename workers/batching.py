@@ -255,19 +255,14 @@ class Batcher:
     def _reply(self, answered: list[tuple[Waiting, ReplyEnvelope]]) -> None:
         """In a reply thread (the call thread is free for the next batch): publish the
         batch's replies with one wait for all their confirms, store its jobs' results,
-        then have each message acknowledged, or requeued when its answer failed."""
+        and have each message acknowledged, or requeued when its answer failed."""
         state = runtime.current()
-        replies = [(w, r) for w, r in answered if _is_reply(w)]
-        others = [(w, r) for w, r in answered if not _is_reply(w)]
-        try:
-            triples = [(w.reply_to, w.item.correlation_id, r) for w, r in replies]
-            confirmed = state.publisher.reply_many(triples) if triples else []
-        except Exception:
-            log.exception("could not publish the replies of %s; requeueing", self.service.name)
-            confirmed = [False] * len(replies)
-        for (waiting, _), ok in zip(replies, confirmed, strict=True):
-            self._settle(waiting.message, requeue=not ok)
-        for waiting, reply in others:
+        together = [(w, r) for w, r in answered if _is_reply(w)]
+        if together and self._reply_together(state, together):
+            alone = [(w, r) for w, r in answered if not _is_reply(w)]
+        else:
+            alone = answered
+        for waiting, reply in alone:
             item = waiting.item
             try:
                 answering.answer(state, item.request, item.correlation_id, waiting.reply_to, reply)
@@ -277,6 +272,23 @@ class Batcher:
             else:
                 self._settle(waiting.message, requeue=False)
         self._loop.call_soon(self._drain)
+
+    def _reply_together(
+        self, state: runtime.Runtime, together: list[tuple[Waiting, ReplyEnvelope]]
+    ) -> bool:
+        """Publish replies as one list and settle their messages; False when the list
+        failed as a whole, so that one bad reply does not send its batch back to the
+        queue: the caller then answers them one by one."""
+        triples = [(w.reply_to, w.item.correlation_id, r) for w, r in together]
+        try:
+            confirmed = state.publisher.reply_many(triples)
+        except Exception:
+            log.exception("could not publish the replies of %s together", self.service.name)
+            return False
+        for (waiting, _), ok in zip(together, confirmed, strict=True):
+            self._settle(waiting.message, requeue=not ok)
+        self._loop.call_soon(self._drain)  # their acks need not wait for the jobs
+        return True
 
     # -- acks (consumer thread) ----------------------------------------------------------
 

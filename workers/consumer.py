@@ -16,6 +16,7 @@ events; Flower and celery-exporter see them a few milliseconds later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -47,7 +48,8 @@ class Consumer(CeleryConsumer):
         self.hub.call_soon(self._schedule_events_flush)  # thread-safe; the timer is not
 
     def _schedule_events_flush(self) -> None:
-        self.hub.call_later(EVENTS_FLUSH_S, self._flush_due_events)
+        delay = max(0.0, self._events_flush_at - time.monotonic())
+        self.hub.call_later(delay, self._flush_due_events)
 
     def _flush_due_events(self) -> None:
         # Cleared before flushing: an event buffered meanwhile either goes in this flush
@@ -56,8 +58,16 @@ class Consumer(CeleryConsumer):
         self._flush_events()
 
     def shutdown(self) -> None:
-        self._flush_events()  # what is still waiting for its timer
+        with contextlib.suppress(Exception):
+            self._flush_events()  # what is still waiting for its timer
         super().shutdown()
+
+    def on_close(self) -> None:
+        # A new connection gets a new event dispatcher, which keeps only what could not
+        # be sent, not the bunch in progress: send it (or have it kept) first.
+        with contextlib.suppress(Exception):
+            self._flush_events()
+        super().on_close()
 
     def on_decode_error(self, message, exc) -> None:
         dead_letter_message(message, f"cannot be decoded: {exc}")

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5}
 CONFIRM_TIMEOUT_S = 10.0
+# Reply connections have no heartbeats; one idle longer than this may have been dropped
+# silently on the way (a NAT, a firewall), so it is replaced rather than trusted.
+IDLE_LIMIT_S = 30.0
 
 
 def _reply_properties(correlation_id: str) -> dict:
@@ -45,9 +48,14 @@ class ConfirmingChannel:
 
     def __init__(self, broker_url: str) -> None:
         self._connection = kombu.Connection(broker_url, connect_timeout=5)
-        self._connection.connect()
-        self._channel = self._connection.connection.channel()
-        self._channel.confirm_select()
+        try:
+            self._connection.connect()
+            self._channel = self._connection.connection.channel()
+            self._channel.confirm_select()
+        except BaseException:
+            self.drop()
+            raise
+        self.last_used = time.monotonic()
         self._channel.events["basic_ack"].add(self._on_ack)
         self._channel.events["basic_nack"].add(self._on_nack)
         self._tag = 0
@@ -64,13 +72,16 @@ class ConfirmingChannel:
             # (to notice connection.blocked), so confirms can arrive while publishing.
             self._tag += 1
             self._pending.add(self._tag)
-            self._channel.basic_publish(message, exchange="", routing_key=routing_key)
+            self._channel.basic_publish(
+                message, exchange="", routing_key=routing_key, timeout=timeout
+            )
         give_up = time.monotonic() + timeout
         while self._pending:
             left = give_up - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{len(self._pending)} confirms not received in {timeout} s")
             self._connection.connection.drain_events(timeout=left)
+        self.last_used = time.monotonic()
         return [tag not in self._nacked for tag in range(first, self._tag + 1)]
 
     def _settle(self, delivery_tag: int, multiple: bool) -> set[int]:
@@ -84,9 +95,11 @@ class ConfirmingChannel:
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
         self._nacked |= self._settle(delivery_tag, multiple)
 
-    def close(self) -> None:
+    def drop(self) -> None:
+        """Let go of the socket without AMQP's closing handshake: a broker that stopped
+        answering is why this is called, and the handshake would wait for it."""
         with contextlib.suppress(Exception):
-            self._connection.release()
+            self._connection.collect()
 
 
 class Publisher:
@@ -144,18 +157,23 @@ class Publisher:
         try:
             confirmed = channel.publish_all(messages, CONFIRM_TIMEOUT_S)
         except BaseException:
-            channel.close()  # its delivery tags no longer match the broker's count
+            channel.drop()  # its delivery tags no longer match the broker's count
             raise
         self._confirming.put(channel)
         return confirmed
 
     def _take_confirming(self) -> ConfirmingChannel:
-        try:
-            return self._confirming.get_nowait()
-        except queue.Empty:
-            return ConfirmingChannel(self._broker_url)
+        """The most recently used reply connection, unless idle too long; else a new one."""
+        while True:
+            try:
+                channel = self._confirming.get_nowait()
+            except queue.Empty:
+                return ConfirmingChannel(self._broker_url)
+            if time.monotonic() - channel.last_used < IDLE_LIMIT_S:
+                return channel
+            channel.drop()
 
     def close(self) -> None:
         self._producers.force_close_all()
         while not self._confirming.empty():
-            self._confirming.get_nowait().close()
+            self._confirming.get_nowait().drop()

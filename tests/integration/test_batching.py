@@ -18,11 +18,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import amqp
+import kombu
 import pytest
 import requests
-from stack import consumers, delete_queues, free_port, unique_service, wait_for
+from stack import BROKER_URL, consumers, delete_queues, free_port, unique_service, wait_for
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
+
+from proxymq.envelope import RequestEnvelope, decode_reply, task_message
 
 
 @dataclass
@@ -306,6 +310,51 @@ def test_batch_concurrency_two_allows_two_calls_but_no_more(stack, gateway):
     assert [r.status_code for r in responses] == [200] * 12
     assert downstream.max_in_flight == 2
     downstream.server.shutdown()
+    delete_queues(f"{service}_requests")
+
+
+def test_a_reply_that_cannot_be_published_does_not_send_its_batch_back(stack, batch_downstream):
+    # A raw publisher (not the gateway) can name a correlation id too long for an AMQP
+    # property: that reply fails. Its batch-mates are answered once, 200, not requeued.
+    service = unique_service("badreply")
+    batch_worker(stack, service, batch_downstream.url, PROXYMQ_BATCH_WAIT_MS="1000")
+    with kombu.Connection(BROKER_URL) as connection:
+        channel = connection.default_channel
+        replies, _, _ = channel.queue_declare("", exclusive=True)
+        ids = []
+        for index in range(3):
+            envelope = RequestEnvelope(
+                service=service,
+                method="POST",
+                path=f"/ok/{index}",
+                query="",
+                headers=[],
+                body=b"%d" % index,
+                deadline=int((time.time() + 30) * 1000),
+            )
+            correlation_id = "x" * 300 if index == 1 else str(uuid.uuid4())
+            body, headers, properties = task_message(envelope, correlation_id, replies)
+            if index == 1:
+                del properties["correlation_id"]  # the id travels in the task headers only
+            else:
+                ids.append(correlation_id)
+            message = amqp.Message(body, application_headers=headers, **properties)
+            channel.basic_publish(message, exchange="", routing_key=f"{service}_requests")
+        got = {}
+
+        def answered() -> bool:
+            while (message := channel.basic_get(replies, no_ack=True)) is not None:
+                got[message.properties["correlation_id"]] = decode_reply(message.body)
+            return set(ids) <= set(got)
+
+        wait_for(answered, 20, "the answers of the good requests")
+    assert {cid: got[cid].status for cid in ids} == {cid: 200 for cid in ids}
+    counts = [
+        item["headers"]["x-proxymq-delivery-count"]
+        for item in batch_downstream.items()
+        if item["correlation_id"] in ids
+    ]
+    assert counts == ["1", "1"]
     delete_queues(f"{service}_requests")
 
 

@@ -90,3 +90,15 @@ def test_a_reply_connection_the_broker_dropped_is_replaced(publisher, channel):
 
     assert publisher.reply_many([(queue, "after", ReplyEnvelope(200))]) == [True]
     assert [c for c, _ in drain(channel, queue)] == ["before", "after"]
+
+
+def test_a_reply_connection_idle_too_long_is_replaced_not_trusted(publisher, channel, monkeypatch):
+    # Reply connections have no heartbeats: one idle past the limit may be dead silently.
+    queue = reply_queue(channel)
+    assert publisher.reply_many([(queue, "first", ReplyEnvelope(200))]) == [True]
+    idle = publisher._confirming.queue[0]
+    monkeypatch.setattr("workers.publisher.IDLE_LIMIT_S", 0.0)
+
+    assert publisher.reply_many([(queue, "second", ReplyEnvelope(200))]) == [True]
+    assert publisher._confirming.queue[0] is not idle
+    assert [c for c, _ in drain(channel, queue)] == ["first", "second"]
