@@ -131,7 +131,6 @@ class Stack:
     workers: list[Proc] = field(default_factory=list)
     responder: Proc | None = None
     responder_queue: str = ""
-    floor: Proc | None = None
 
     @property
     def queue(self) -> str:
@@ -209,26 +208,21 @@ class Stack:
 
     def start_responder(self) -> None:
         self.responder_queue = f"bench_rpc_{uuid.uuid4().hex[:8]}"
-        command = [sys.executable, "bench/rpc_loop.py", "serve", "--queue", self.responder_queue]
-        command += ["--broker-url", self.args.broker_url]
-        self.responder = self.procs.start("rpc-responder", command, self.env())
-        procs.wait_until(
-            lambda: rpc_loop.consumer_count(self.args.broker_url, self.responder_queue) > 0,
-            [self.responder],
-            "RPC responder",
-        )
+        self.responder = self._serve("rpc-responder", self.responder_queue)
 
     def start_floor(self) -> None:
         """A no-op worker on its own service: the gateway's ceiling with a free worker."""
-        queue = f"{self.floor_service}_requests"
-        command = [sys.executable, "bench/rpc_loop.py", "serve", "--queue", queue, "--envelope"]
+        self._serve("no-op-worker", f"{self.floor_service}_requests", "--envelope")
+
+    def _serve(self, name: str, queue: str, *extra: str) -> Proc:
+        """``rpc_loop.py serve`` on ``queue``, once it consumes."""
+        command = [sys.executable, "bench/rpc_loop.py", "serve", "--queue", queue, *extra]
         command += ["--broker-url", self.args.broker_url]
-        self.floor = self.procs.start("floor-responder", command, self.env())
+        proc = self.procs.start(name, command, self.env())
         procs.wait_until(
-            lambda: rpc_loop.consumer_count(self.args.broker_url, queue) > 0,
-            [self.floor],
-            "no-op worker",
+            lambda: rpc_loop.consumer_count(self.args.broker_url, queue) > 0, [proc], name
         )
+        return proc
 
     def wait_stub_quiet(self) -> None:
         """Let the previous run's leftovers (requests queued when wrk stopped) finish, so

@@ -27,135 +27,104 @@ VALUES_FILES = sorted((CHART / "ci").glob("*.yaml"))
 
 _STR = {"type": "string", "minLength": 1}
 _META = {"type": "object", "required": ["name"], "properties": {"name": _STR}}
+
+
+def _closed(properties: dict, *required: str) -> dict:
+    """An object schema that allows only ``properties`` and needs ``required``."""
+    schema: dict = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def _list_of(item: dict) -> dict:
+    return {"type": "array", "minItems": 1, "items": item}
+
+
+def _resource(spec: dict) -> dict:
+    """A custom resource: apiVersion, kind, a named metadata and ``spec``."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"metadata": _META, "spec": spec},
+    }
+
+
+_RABBITMQ_TRIGGER = _closed(
+    {
+        "type": {"const": "rabbitmq"},
+        "authenticationRef": _closed({"name": _STR}, "name"),
+        "metadata": _closed(
+            {
+                "protocol": {"enum": ["amqp", "http", "auto"]},
+                "mode": {"enum": ["QueueLength", "MessageRate"]},
+                "queueName": {"type": "string", "pattern": "_requests$"},
+                "value": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"},
+                "hostFromEnv": _STR,
+                "vhostName": {"type": "string"},
+            },
+            "queueName",
+            "mode",
+            "value",
+        ),
+    },
+    "type",
+    "metadata",
+)
 CRD_SCHEMAS = {
-    ("keda.sh/v1alpha1", "ScaledObject"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["scaleTargetRef", "triggers"],
-                "properties": {
-                    "scaleTargetRef": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["name"],
-                        "properties": {"name": _STR, "kind": _STR, "apiVersion": _STR},
-                    },
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["type", "metadata"],
-                            "properties": {
-                                "type": {"const": "rabbitmq"},
-                                "authenticationRef": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["name"],
-                                    "properties": {"name": _STR},
-                                },
-                                "metadata": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["queueName", "mode", "value"],
-                                    "properties": {
-                                        "protocol": {"enum": ["amqp", "http", "auto"]},
-                                        "mode": {"enum": ["QueueLength", "MessageRate"]},
-                                        "queueName": {"type": "string", "pattern": "_requests$"},
-                                        "value": {
-                                            "type": "string",
-                                            "pattern": "^[0-9]+(\\.[0-9]+)?$",
-                                        },
-                                        "hostFromEnv": _STR,
-                                        "vhostName": {"type": "string"},
-                                    },
-                                },
-                            },
-                        },
-                    },
-                },
+    ("keda.sh/v1alpha1", "ScaledObject"): _resource(
+        _closed(
+            {
+                "scaleTargetRef": _closed({"name": _STR, "kind": _STR, "apiVersion": _STR}, "name"),
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "triggers": _list_of(_RABBITMQ_TRIGGER),
             },
-        },
-    },
-    ("keda.sh/v1alpha1", "TriggerAuthentication"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["secretTargetRef"],
-                "properties": {
-                    "secretTargetRef": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["parameter", "name", "key"],
-                            "properties": {
-                                "parameter": {"const": "host"},
-                                "name": _STR,
-                                "key": _STR,
-                            },
-                        },
-                    },
-                },
+            "scaleTargetRef",
+            "triggers",
+        )
+    ),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): _resource(
+        _closed(
+            {
+                "secretTargetRef": _list_of(
+                    _closed(
+                        {"parameter": {"const": "host"}, "name": _STR, "key": _STR},
+                        "parameter",
+                        "name",
+                        "key",
+                    )
+                )
             },
-        },
-    },
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "endpoints"],
-                "properties": {
-                    "selector": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["matchLabels"],
-                        "properties": {"matchLabels": {"type": "object", "minProperties": 1}},
-                    },
-                    "namespaceSelector": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "matchNames": {"type": "array", "items": _STR},
-                            "any": {"type": "boolean"},
+            "secretTargetRef",
+        )
+    ),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _resource(
+        _closed(
+            {
+                "selector": _closed(
+                    {"matchLabels": {"type": "object", "minProperties": 1}}, "matchLabels"
+                ),
+                "namespaceSelector": _closed(
+                    {"matchNames": {"type": "array", "items": _STR}, "any": {"type": "boolean"}}
+                ),
+                "endpoints": _list_of(
+                    _closed(
+                        {
+                            "port": _STR,
+                            "path": _STR,
+                            "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
                         },
-                    },
-                    "endpoints": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["port"],
-                            "properties": {
-                                "port": _STR,
-                                "path": _STR,
-                                "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
-                            },
-                        },
-                    },
-                },
+                        "port",
+                    )
+                ),
             },
-        },
-    },
+            "selector",
+            "endpoints",
+        )
+    ),
 }
 
 

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import kombu
 import requests
 from celery.events.event import get_exchange
-from stack import BROKER_URL, unique_service
+from stack import BROKER_URL, unique_service, wait_for
 
 
 def test_events_of_back_to_back_requests_share_messages_and_none_is_lost(stack, downstream):
@@ -35,24 +34,25 @@ def test_events_of_back_to_back_requests_share_messages_and_none_is_lost(stack, 
         ids = {send(i) for i in range(64)}
 
         seen: dict[str, set[str]] = {"task-received": set(), "task-succeeded": set()}
-        messages = events = 0
-        give_up = time.monotonic() + 10
-        while not all(ids <= got for got in seen.values()) and time.monotonic() < give_up:
-            message = events_queue(channel).get(no_ack=True)
-            if message is None:
-                time.sleep(0.05)
-                continue
-            body = json.loads(message.body)
-            # Only this test's requests count: other workers may share the exchange.
-            ours = [e for e in (body if isinstance(body, list) else [body]) if e["uuid"] in ids]
-            messages += bool(ours)
-            events += len(ours)
-            for event in ours:
-                if event["type"] in seen:
-                    seen[event["type"]].add(event["uuid"])
+        sizes: list[int] = []  # events of ours in each message that had any
+
+        def all_seen() -> bool:
+            while (message := events_queue(channel).get(no_ack=True)) is not None:
+                body = json.loads(message.body)
+                # Only this test's requests count: other workers may share the exchange.
+                bunch = body if isinstance(body, list) else [body]
+                ours = [event for event in bunch if event["uuid"] in ids]
+                if ours:
+                    sizes.append(len(ours))
+                for event in ours:
+                    seen.get(event["type"], set()).add(event["uuid"])
+            return all(ids <= got for got in seen.values())
+
+        wait_for(all_seen, 10, "the task events of every request")
 
     assert ids <= seen["task-received"]
     assert ids <= seen["task-succeeded"]
     # One request at a time: Celery alone sends a message per event loop turn, two or
     # more per request (~130 here); bunched, a message carries many requests' events.
+    messages, events = len(sizes), sum(sizes)
     assert messages * 4 <= events, f"{events} events in {messages} messages"

@@ -159,15 +159,22 @@ def test_undecodable_message_is_dead_lettered_at_once_and_its_client_told(stack,
     assert "cannot be decoded" in dead.headers["x-proxymq-dead-reason"]
 
 
+def _three_held(pool, gateway, service, downstream) -> list[concurrent.futures.Future]:
+    """Three requests (bodies b"0", b"1", b"2") that the downstream is now sleeping on."""
+    before = sum(s.raw_uri == "/sleep/1" for s in downstream.seen)
+    futures = [pool.submit(post, gateway, service, "/sleep/1", b"%d" % i) for i in range(3)]
+    wait_for(
+        lambda: sum(s.raw_uri == "/sleep/1" for s in downstream.seen) >= before + 3, 10, "calls"
+    )
+    return futures
+
+
 def test_sigterm_to_a_worker_finishes_what_it_holds(stack, downstream):
     service = unique_service("drain")
     worker = stack.worker(service, downstream.url)
     gateway = stack.gateway()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        futures = [
-            pool.submit(post, gateway, service, "/sleep/1", f"{i}".encode()) for i in range(3)
-        ]
-        wait_for(lambda: sum(s.raw_uri == "/sleep/1" for s in downstream.seen) >= 3, 10, "calls")
+        futures = _three_held(pool, gateway, service, downstream)
         worker.signal(signal.SIGTERM)  # warm shutdown: stop consuming, finish, then exit
         assert [f.result().status_code for f in futures] == [200] * 3
     worker.popen.wait(20)
@@ -178,14 +185,8 @@ def test_sigterm_to_the_gateway_answers_what_it_holds(stack, downstream):
     service = unique_service("gwdrain")
     stack.worker(service, downstream.url)
     gateway = stack.gateway()
-    before = sum(s.raw_uri == "/sleep/1" for s in downstream.seen)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        futures = [
-            pool.submit(post, gateway, service, "/sleep/1", f"{i}".encode()) for i in range(3)
-        ]
-        wait_for(
-            lambda: sum(s.raw_uri == "/sleep/1" for s in downstream.seen) >= before + 3, 10, "calls"
-        )
+        futures = _three_held(pool, gateway, service, downstream)
         gateway.process.signal(signal.SIGTERM)
         responses = [f.result() for f in futures]
     assert [(r.status_code, r.content) for r in responses] == [
