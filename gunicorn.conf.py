@@ -32,10 +32,10 @@ if _serving("fetcher"):
     from fetcher.config import ConfigError, FetcherConfig
 
     try:
-        FetcherConfig.from_env(os.environ)
+        _config = FetcherConfig.from_env(os.environ)
     except ConfigError as error:
         _stop(error)
-    bind = [os.environ.get("FETCHER_BIND", "0.0.0.0:8080")]
+    bind = [_config.bind]
 else:
     from proxymq.config import ConfigError, GatewayConfig
 

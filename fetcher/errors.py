@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import requests
 import urllib3.exceptions
 
-from fetcher.guard import BlockedAddressError
+from proxymq.outbound import BlockedAddressError
 
 BLOCKED = "blocked-address"
 DNS = "dns-failure"

@@ -1,7 +1,7 @@
 """Fetch one URL: follow redirects by hand, stream the body against a deadline and a size cap.
 
 Redirects are followed here rather than by requests so that each hop is a separate
-request through the guarded transport (``fetcher.transport``), whose connections check
+request through the guarded session (``proxymq.outbound``), whose connections check
 the resolved address of every new host before connecting, and so that a hop to a
 non-HTTP scheme can be refused.
 
@@ -90,7 +90,7 @@ def _limit_next_read(response: requests.Response, seconds: float) -> None:
     requests fixes the read timeout per request; shrinking it before each read is what
     makes a server that stalls mid-body fail at the deadline, not a full read timeout
     later. urllib3 sets the timeout afresh when the connection is next taken from the
-    pool. ``read_socket`` is kept by ``fetcher.transport``'s connections.
+    pool. ``read_socket`` is kept by ``proxymq.outbound``'s connections.
     """
     sock = getattr(response.raw.connection, "read_socket", None)
     if sock is not None:

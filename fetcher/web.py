@@ -16,11 +16,11 @@ from werkzeug.exceptions import HTTPException
 from fetcher.batch import BatchTooLarge, InvalidBatch, answer_batch, parse_batch
 from fetcher.config import FetcherConfig
 from fetcher.fetching import Fetcher
-from fetcher.guard import AddressPolicy, policy_for
 from fetcher.payloads import answer_fetch, error_body, render_json
-from fetcher.transport import build_session
+from proxymq.outbound import AddressPolicy, build_session, policy_for
 
 EXTENSION = "fetcher"
+USER_AGENT = "proxymq-fetcher/0.1"
 # Request bodies are small JSON documents naming URLs; the gateway already caps client
 # bodies. This only stops a direct caller from making a worker buffer without bound.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -77,9 +77,12 @@ def _http_error(error: HTTPException) -> Response:
 
 
 def build_fetcher(config: FetcherConfig, address_policy: AddressPolicy | None = None) -> Fetcher:
-    """The process's Fetcher: one pooled session, the limits from ``config``."""
+    """The process's Fetcher: one pooled session, the limits from ``config``.
+
+    ``pool_size`` is the batch size: enough connections for a full batch against one host.
+    """
     policy = address_policy or policy_for(config.allow_private)
-    session = build_session(policy, pool_size=config.batch_size)
+    session = build_session(policy, pool_size=config.batch_size, user_agent=USER_AGENT)
     return Fetcher(session, timeout=config.timeout, max_bytes=config.max_bytes)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,25 +36,57 @@ def is_service_name(name: str) -> bool:
     return SERVICE_NAME.fullmatch(name) is not None and name not in RESERVED_NAMES
 
 
-# -- parsers: each takes the raw text and returns the value or raises ValueError -----------
+# -- parsers --------------------------------------------------------------------------------
+# Each takes the stripped, non-blank text (see ``read``) and returns the value or raises
+# ValueError naming the problem. One rule set for every process (gateway, workers, fetcher):
+#
+# * the value is stripped of surrounding whitespace, and a variable that is set but blank
+#   is an error (``read``), never a silent default: "unset" is how to ask for the default;
+# * integers are plain ASCII decimal digits, numbers plain decimals (``2``, ``1.5``);
+# * booleans are exactly ``true`` or ``false``.
+#
+# int() and float() are not used to decide what is valid, because they accept more than an
+# operator would mean: int() takes "+5", "-1", "1_000", " 5" and non-ASCII digits (Arabic-
+# Indic, fullwidth...), float() also "nan", "inf", "1e3" and "1_0". They only convert text
+# a pattern accepted; ``[0-9]``, unlike ``\d``, matches ASCII digits only. Integers are
+# capped at 30 digits, far past any range here, because int() refuses more than 4300
+# digits with its own message.
+
+_INTEGER = re.compile(r"[0-9]{1,30}")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
-def _number(convert: Callable[[str], Any], low: float, high: float, meaning: str):
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise ValueError(f"must be {meaning}")
-        return value
-
-    return parse
+def _integer_in(text: str, low: int, high: int, meaning: str) -> int:
+    if _INTEGER.fullmatch(text) and low <= int(text) <= high:
+        return int(text)
+    raise ValueError(f"must be {meaning}")
 
 
-_positive_int = _number(int, 1, 2**63, "a positive integer")
-_positive_float = _number(float, 1e-3, 1e9, "a positive number")
-_port = _number(int, 1, 65535, "a port number between 1 and 65535")
+def positive_int(text: str) -> int:
+    """A count or size: plain digits, at least 1."""
+    return _integer_in(text, 1, 2**63, "a positive integer")
+
+
+def _port(text: str) -> int:
+    return _integer_in(text, 1, 65535, "a port number between 1 and 65535")
+
+
+def positive_number(text: str) -> float:
+    """A duration or rate: a plain decimal (``2``, ``1.5``) from 0.001 to 10⁹.
+
+    The bounds keep a typo from becoming a timeout of zero or of centuries.
+    """
+    if _DECIMAL.fullmatch(text) and 1e-3 <= float(text) <= 1e9:
+        return float(text)
+    raise ValueError("must be a positive number")
+
+
+def boolean(text: str) -> bool:
+    """Exactly ``true`` or ``false``: "1", "yes" or "True" would be guesses, and guessing
+    wrong on a safety switch is worse than refusing to start."""
+    if text not in ("true", "false"):
+        raise ValueError("must be 'true' or 'false', lower case")
+    return text == "true"
 
 
 def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
@@ -73,11 +105,12 @@ _broker_url = _url(("amqp", "amqps", "pyamqp"))
 _redis_url = _url(("redis", "rediss"))
 
 
-def _bind(text: str) -> str:
-    host, sep, port = text.rpartition(":")
+def bind_address(text: str) -> str:
+    """Where a server listens: ``HOST:PORT``, the port plain digits (gunicorn's ``-b``)."""
+    host, sep, number = text.rpartition(":")
     if not sep or not host:
         raise ValueError("must be HOST:PORT")
-    _port(port)
+    _port(number)
     return text
 
 
@@ -101,30 +134,28 @@ def _header_name(text: str) -> str:
     return text
 
 
-def _bool(text: str) -> bool:
-    if text not in ("true", "false"):
-        raise ValueError("must be 'true' or 'false'")
-    return text == "true"
+def read(env: Mapping[str, str], name: str, parse: Callable[[str], Any], default: Any) -> Any:
+    """The value of variable ``name``: ``default`` when unset, else ``parse`` of its text.
 
-
-def _text(text: str) -> str:
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-def _read(env: Mapping[str, str], name: str, parse: Callable[[str], Any], default: Any) -> Any:
+    The text is stripped first; set but blank is an error, because a blank left by a
+    template (``VAR=``) is more likely a mistake than a request for the default. Every
+    problem is a ``ConfigError`` of one line, ``NAME: problem (got '<raw value>')``;
+    ``repr()`` keeps it one line even if the value holds a newline.
+    """
     raw = env.get(name)
     if raw is None:
         return default
+    text = raw.strip()
+    if not text:
+        raise ConfigError(name, f"is set but blank; unset it to mean the default (got {raw!r})")
     try:
-        return parse(raw.strip())
+        return parse(text)
     except ValueError as exc:
         raise ConfigError(name, f"{exc} (got {raw!r})") from None
 
 
 def broker_url(env: Mapping[str, str]) -> str:
-    return _read(env, "PROXYMQ_BROKER_URL", _broker_url, DEFAULT_BROKER_URL)
+    return read(env, "PROXYMQ_BROKER_URL", _broker_url, DEFAULT_BROKER_URL)
 
 
 # -- gateway --------------------------------------------------------------------------------
@@ -148,17 +179,17 @@ class GatewayConfig:
         d = cls()
         return cls(
             broker_url=broker_url(env),
-            bind=_read(env, "PROXYMQ_GATEWAY_BIND", _bind, d.bind),
-            services=_read(env, "PROXYMQ_SERVICES", _service_list, d.services),
-            reply_timeout=_read(env, "PROXYMQ_REPLY_TIMEOUT", _positive_float, d.reply_timeout),
-            max_body_bytes=_read(env, "PROXYMQ_MAX_BODY_BYTES", _positive_int, d.max_body_bytes),
-            max_header_bytes=_read(
-                env, "PROXYMQ_MAX_HEADER_BYTES", _positive_int, d.max_header_bytes
+            bind=read(env, "PROXYMQ_GATEWAY_BIND", bind_address, d.bind),
+            services=read(env, "PROXYMQ_SERVICES", _service_list, d.services),
+            reply_timeout=read(env, "PROXYMQ_REPLY_TIMEOUT", positive_number, d.reply_timeout),
+            max_body_bytes=read(env, "PROXYMQ_MAX_BODY_BYTES", positive_int, d.max_body_bytes),
+            max_header_bytes=read(
+                env, "PROXYMQ_MAX_HEADER_BYTES", positive_int, d.max_header_bytes
             ),
-            result_url=_read(env, "PROXYMQ_RESULT_URL", _redis_url, d.result_url),
-            job_ttl=_read(env, "PROXYMQ_JOB_TTL", _positive_int, d.job_ttl),
-            job_timeout=_read(env, "PROXYMQ_JOB_TIMEOUT", _positive_float, d.job_timeout),
-            job_auth_header=_read(env, "PROXYMQ_JOB_AUTH_HEADER", _header_name, d.job_auth_header),
+            result_url=read(env, "PROXYMQ_RESULT_URL", _redis_url, d.result_url),
+            job_ttl=read(env, "PROXYMQ_JOB_TTL", positive_int, d.job_ttl),
+            job_timeout=read(env, "PROXYMQ_JOB_TIMEOUT", positive_number, d.job_timeout),
+            job_auth_header=read(env, "PROXYMQ_JOB_AUTH_HEADER", _header_name, d.job_auth_header),
         )
 
 
@@ -190,13 +221,13 @@ class ServiceConfig:
 SERVICE_KEYS: dict[str, Callable[[str], Any]] = {
     "downstream_url": _http_url,
     "batch_url": _http_url,
-    "batch_size": _positive_int,
-    "batch_wait_ms": _positive_float,
-    "downstream_timeout": _positive_float,
-    "queue_max_length": _positive_int,
+    "batch_size": positive_int,
+    "batch_wait_ms": positive_number,
+    "downstream_timeout": positive_number,
+    "queue_max_length": positive_int,
     "queue_type": _queue_type,
-    "batch_concurrency": _positive_int,
-    "max_deliveries": _positive_int,
+    "batch_concurrency": positive_int,
+    "max_deliveries": positive_int,
     "health_url": _http_url,
 }
 assert set(SERVICE_KEYS) == {f.name for f in fields(ServiceConfig)} - {"name"}
@@ -204,8 +235,8 @@ assert set(SERVICE_KEYS) == {f.name for f in fields(ServiceConfig)} - {"name"}
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    broker_url: str
-    services: dict[str, ServiceConfig]
+    broker_url: str = DEFAULT_BROKER_URL
+    services: dict[str, ServiceConfig] = field(default_factory=dict)
     metrics_port: int = 8001
     result_url: str | None = None
     job_ttl: int = 3600
@@ -221,25 +252,28 @@ class WorkerConfig:
         services. Without ``-Q`` it serves every service of the TOML file, or the one
         named by ``PROXYMQ_SERVICE``.
         """
+        d = cls()
         return cls(
             broker_url=broker_url(env),
             services=_services(env, queues),
-            metrics_port=_read(env, "PROXYMQ_WORKER_METRICS_PORT", _port, 8001),
-            result_url=_read(env, "PROXYMQ_RESULT_URL", _redis_url, None),
-            job_ttl=_read(env, "PROXYMQ_JOB_TTL", _positive_int, 3600),
-            callback_secret=_read(env, "PROXYMQ_CALLBACK_SECRET", _text, None),
-            callback_allow_private=_read(env, "PROXYMQ_CALLBACK_ALLOW_PRIVATE", _bool, False),
-            task_events=_read(env, "PROXYMQ_TASK_EVENTS", _bool, True),
+            metrics_port=read(env, "PROXYMQ_WORKER_METRICS_PORT", _port, d.metrics_port),
+            result_url=read(env, "PROXYMQ_RESULT_URL", _redis_url, d.result_url),
+            job_ttl=read(env, "PROXYMQ_JOB_TTL", positive_int, d.job_ttl),
+            callback_secret=read(env, "PROXYMQ_CALLBACK_SECRET", str, d.callback_secret),
+            callback_allow_private=read(
+                env, "PROXYMQ_CALLBACK_ALLOW_PRIVATE", boolean, d.callback_allow_private
+            ),
+            task_events=read(env, "PROXYMQ_TASK_EVENTS", boolean, d.task_events),
         )
 
 
 def _services(env: Mapping[str, str], queues: list[str] | None) -> dict[str, ServiceConfig]:
-    file_services = _read_toml(env["PROXYMQ_CONFIG"]) if env.get("PROXYMQ_CONFIG") else {}
-    env_service = _read(env, "PROXYMQ_SERVICE", _service_name, None)
+    path = read(env, "PROXYMQ_CONFIG", str, None)
+    file_services = _read_toml(path) if path is not None else {}
+    env_service = read(env, "PROXYMQ_SERVICE", _service_name, None)
     names = _served_names(queues, file_services, env_service)
     env_values = {
-        key: _read(env, "PROXYMQ_" + key.upper(), parse, None)
-        for key, parse in SERVICE_KEYS.items()
+        key: read(env, "PROXYMQ_" + key.upper(), parse, None) for key, parse in SERVICE_KEYS.items()
     }
     env_values = {key: value for key, value in env_values.items() if value is not None}
     services = {}

@@ -1,8 +1,9 @@
 """Job callbacks: POST a finished job's answer to the URL its client named.
 
-The URL comes from a client, so the request goes through the fetcher's guarded session:
-it never connects to loopback, private or link-local addresses (checked on the address
-actually connected to) unless ``PROXYMQ_CALLBACK_ALLOW_PRIVATE=true``. With
+The URL comes from a client, so the request goes through the guarded session of
+``proxymq.outbound`` (the one the fetcher uses too): it never connects to loopback,
+private or link-local addresses (checked on the address actually connected to) unless
+``PROXYMQ_CALLBACK_ALLOW_PRIVATE=true``. With
 ``PROXYMQ_CALLBACK_SECRET`` set, ``X-ProxyMQ-Signature: sha256=<hex>`` is the HMAC-SHA256
 of the body, so the receiver can tell the callback came from ProxyMQ.
 """
@@ -16,14 +17,16 @@ import json
 import logging
 import time
 
-from fetcher.guard import policy_for
-from fetcher.transport import build_session
 from proxymq.envelope import ReplyEnvelope
+from proxymq.outbound import build_session, policy_for
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 3
 TIMEOUT = 10.0
+# What callbacks have sent since they borrowed the fetcher's session; receivers may match
+# on it, so renaming it is a change of its own, not part of moving the session.
+USER_AGENT = "proxymq-fetcher/0.1"
 
 
 def payload(job_id: str, reply: ReplyEnvelope) -> bytes:
@@ -45,7 +48,7 @@ def signature(secret: str, body: bytes) -> str:
 class CallbackSender:
     def __init__(self, secret: str | None, allow_private: bool) -> None:
         self._secret = secret
-        self._http = build_session(policy_for(allow_private), pool_size=4)
+        self._http = build_session(policy_for(allow_private), pool_size=4, user_agent=USER_AGENT)
 
     def send(self, url: str, job_id: str, reply: ReplyEnvelope) -> bool:
         """POST the answer, retrying failures with backoff; False when it never got a 2xx."""

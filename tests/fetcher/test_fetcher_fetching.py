@@ -16,8 +16,8 @@ import pytest
 
 from fetcher.config import FetcherConfig
 from fetcher.fetching import Fetcher
-from fetcher.guard import IPAddress, is_public_address
 from fetcher.web import build_fetcher, create_app
+from proxymq.outbound import IPAddress, is_public_address
 
 LOCAL_ONLY = ipaddress.ip_address("127.0.0.1")
 

@@ -29,6 +29,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _fetcher_environ(**settings: str) -> dict[str, str]:
+    """This environment without the caller's FETCHER_* settings, plus ``settings``."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("FETCHER_")}
+    environ.update(settings)
+    return environ
+
+
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=1).status_code == 200
@@ -62,8 +69,7 @@ def gunicorn_fetcher(request, tmp_path: Path) -> Iterator[str]:
     """Start ``gunicorn fetcher:app`` on a free loopback port; yield its base URL."""
     port = _free_port()
     log = tmp_path / "gunicorn.log"
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("FETCHER_")}
-    environ.update(FETCHER_ALLOW_PRIVATE="true", FETCHER_TIMEOUT="5")
+    environ = _fetcher_environ(FETCHER_ALLOW_PRIVATE="true", FETCHER_TIMEOUT="5")
     command = [str(GUNICORN), "fetcher:app", "-b", f"127.0.0.1:{port}", *request.param]
     with log.open("w") as output:
         process = subprocess.Popen(
@@ -100,3 +106,38 @@ def test_gunicorn_serves_concurrent_batches(gunicorn_fetcher: str, local_server)
     assert response.status_code == 200
     assert [json.loads(item["body"])["status"] for item in response.json()] == [200] * 5
     assert elapsed < 1.5
+
+
+def test_gunicorn_binds_fetcher_bind_without_b(tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "gunicorn.log"
+    environ = _fetcher_environ(FETCHER_BIND=f"127.0.0.1:{port}")
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [str(GUNICORN), "fetcher:app"], cwd=REPO, env=environ, stdout=output, stderr=output
+        )
+    try:
+        _wait_until_up(process, f"http://127.0.0.1:{port}", log)
+    finally:
+        _stop(process)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("FETCHER_BATCH_SIZE", " ", "is set but blank; unset it to mean the default (got ' ')"),
+        ("FETCHER_ALLOW_PRIVATE", "True", "must be 'true' or 'false', lower case (got 'True')"),
+        ("FETCHER_BIND", "8080", "must be HOST:PORT (got '8080')"),
+    ],
+)
+def test_a_bad_setting_stops_gunicorn_with_one_line(variable: str, value: str, line: str) -> None:
+    result = subprocess.run(
+        [str(GUNICORN), "fetcher:app"],
+        cwd=REPO,
+        env=_fetcher_environ(**{variable: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"Error: {variable}: {line}\n"

@@ -1,6 +1,14 @@
+"""proxymq.config: defaults, the worker's services, and one parsing rule for all processes."""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import pytest
 
+from fetcher.config import FetcherConfig
 from proxymq.config import ConfigError, GatewayConfig, WorkerConfig
+
+WORKER_ENV = {"PROXYMQ_SERVICE": "a", "PROXYMQ_DOWNSTREAM_URL": "http://a"}
 
 
 def test_gateway_defaults_match_the_spec():
@@ -140,3 +148,154 @@ def test_task_events_switch_takes_only_true_or_false():
     assert WorkerConfig.from_env({**env, "PROXYMQ_TASK_EVENTS": "false"}).task_events is False
     with pytest.raises(ConfigError, match=r"^PROXYMQ_TASK_EVENTS: must be 'true' or 'false'"):
         WorkerConfig.from_env({**env, "PROXYMQ_TASK_EVENTS": "no"})
+
+
+def test_worker_defaults_are_the_dataclass_defaults():
+    config = WorkerConfig.from_env(WORKER_ENV)
+    assert config == WorkerConfig(services=config.services)
+    assert (config.metrics_port, config.job_ttl, config.task_events) == (8001, 3600, True)
+
+
+# -- one rule set: the gateway, the worker and the fetcher read a raw value alike -----------
+#
+# Each table maps a variable to how its process reads it; every process is fed the same raw
+# text and must give the same answer: the same value, or a refusal. The gateway has no
+# true/false setting, so the switch table holds the worker's and the fetcher's only.
+
+Reader = Callable[[Mapping[str, str]], Any]
+REFUSED = "refused"
+
+
+def _worker(env: Mapping[str, str]) -> WorkerConfig:
+    return WorkerConfig.from_env({**WORKER_ENV, **env})
+
+
+INTEGERS: dict[str, Reader] = {
+    "PROXYMQ_MAX_BODY_BYTES": lambda env: GatewayConfig.from_env(env).max_body_bytes,
+    "PROXYMQ_BATCH_SIZE": lambda env: _worker(env).services["a"].batch_size,
+    "PROXYMQ_JOB_TTL": lambda env: _worker(env).job_ttl,
+    "FETCHER_BATCH_SIZE": lambda env: FetcherConfig.from_env(env).batch_size,
+}
+NUMBERS: dict[str, Reader] = {
+    "PROXYMQ_REPLY_TIMEOUT": lambda env: GatewayConfig.from_env(env).reply_timeout,
+    "PROXYMQ_DOWNSTREAM_TIMEOUT": lambda env: _worker(env).services["a"].downstream_timeout,
+    "FETCHER_TIMEOUT": lambda env: FetcherConfig.from_env(env).timeout,
+}
+SWITCHES: dict[str, Reader] = {
+    "PROXYMQ_TASK_EVENTS": lambda env: _worker(env).task_events,
+    "PROXYMQ_CALLBACK_ALLOW_PRIVATE": lambda env: _worker(env).callback_allow_private,
+    "FETCHER_ALLOW_PRIVATE": lambda env: FetcherConfig.from_env(env).allow_private,
+}
+# Values every kind refuses: blank (set but empty is never the default) and near misses.
+REFUSED_BY_ALL = ["", " ", "\t\n", "True", "nan", "inf", "+5", "-1", "1_000", "0x10", "5 5"]
+
+
+def _answers(readers: dict[str, Reader], raw: str) -> dict[str, Any]:
+    """What each process makes of ``raw``: the value read, or REFUSED."""
+    answers = {}
+    for variable, read_value in readers.items():
+        try:
+            answers[variable] = read_value({variable: raw})
+        except ConfigError as error:
+            message = str(error)
+            assert message.startswith(f"{variable}: ") and message.endswith(f"(got {raw!r})")
+            assert "\n" not in message
+            answers[variable] = REFUSED
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("5", 5),
+        (" 5 ", 5),
+        ("\t7\n", 7),
+        ("007", 7),
+        ("0", REFUSED),
+        ("1.0", REFUSED),
+        ("1e3", REFUSED),
+        ("\u0665", REFUSED),  # ARABIC-INDIC DIGIT FIVE: int() takes it
+        ("\uff15", REFUSED),  # FULLWIDTH DIGIT FIVE: int() takes it
+        *[(raw, REFUSED) for raw in REFUSED_BY_ALL],
+    ],
+)
+def test_every_process_reads_an_integer_the_same_way(raw, expected):
+    assert _answers(INTEGERS, raw) == dict.fromkeys(INTEGERS, expected)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2", 2.0),
+        ("1.5", 1.5),
+        (" 1.5 ", 1.5),
+        ("0.001", 0.001),
+        ("0", REFUSED),
+        ("0.0001", REFUSED),
+        (".5", REFUSED),
+        ("1.", REFUSED),
+        ("1e3", REFUSED),
+        ("1_0", REFUSED),
+        ("-inf", REFUSED),
+        ("\u0661.\u0665", REFUSED),  # Arabic-Indic 1.5: float() takes it
+        *[(raw, REFUSED) for raw in REFUSED_BY_ALL],
+    ],
+)
+def test_every_process_reads_a_number_the_same_way(raw, expected):
+    assert _answers(NUMBERS, raw) == dict.fromkeys(NUMBERS, expected)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("true", True),
+        ("false", False),
+        (" true ", True),
+        ("TRUE", REFUSED),
+        ("False", REFUSED),
+        ("1", REFUSED),
+        ("yes", REFUSED),
+        ("on", REFUSED),
+        *[(raw, REFUSED) for raw in REFUSED_BY_ALL],
+    ],
+)
+def test_every_process_reads_a_switch_the_same_way(raw, expected):
+    assert _answers(SWITCHES, raw) == dict.fromkeys(SWITCHES, expected)
+
+
+@pytest.mark.parametrize(
+    ("readers", "problem"),
+    [
+        (INTEGERS, "must be a positive integer"),
+        (NUMBERS, "must be a positive number"),
+        (SWITCHES, "must be 'true' or 'false', lower case"),
+    ],
+    ids=["integer", "number", "switch"],
+)
+def test_every_process_words_a_refusal_the_same_way(readers, problem):
+    for variable, read_value in readers.items():
+        with pytest.raises(ConfigError) as caught:
+            read_value({variable: "True"})
+        assert str(caught.value) == f"{variable}: {problem} (got 'True')"
+        with pytest.raises(ConfigError) as caught:
+            read_value({variable: " "})
+        assert str(caught.value) == (
+            f"{variable}: is set but blank; unset it to mean the default (got ' ')"
+        )
+
+
+TEXTS: dict[str, Reader] = {
+    "PROXYMQ_BROKER_URL": GatewayConfig.from_env,
+    "PROXYMQ_GATEWAY_BIND": GatewayConfig.from_env,
+    "PROXYMQ_SERVICES": GatewayConfig.from_env,
+    "PROXYMQ_CONFIG": _worker,
+    "PROXYMQ_CALLBACK_SECRET": _worker,
+    "PROXYMQ_DOWNSTREAM_URL": _worker,
+    "FETCHER_BIND": FetcherConfig.from_env,
+}
+
+
+@pytest.mark.parametrize("variable", TEXTS)
+def test_a_blank_text_setting_is_an_error_too(variable):
+    with pytest.raises(ConfigError, match=rf"^{variable}: is set but blank"):
+        TEXTS[variable]({variable: " "})

@@ -1,4 +1,8 @@
-"""The address guard: which addresses are refused, and that the check happens at connect."""
+"""proxymq.outbound: which addresses are refused, and that the session checks at connect.
+
+These live with the fetcher tests for their fixtures (``fake_dns``, ``loopback_only``,
+local servers); the fetcher and the job callbacks both build their sessions here.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,14 @@ import socket
 
 import pytest
 
-from fetcher.config import FetcherConfig
-from fetcher.guard import (
+from proxymq.outbound import (
     BlockedAddressError,
     allow_any_address,
+    build_session,
     is_public_address,
     policy_for,
     resolve_checked,
 )
-from fetcher.web import build_fetcher
 
 REFUSED = [
     "127.0.0.1",  # loopback
@@ -110,8 +113,27 @@ def test_an_unknown_name_raises_gaierror(fake_dns) -> None:
 def test_the_session_refuses_before_connecting(url: str, fake_dns, loopback_only) -> None:
     fake_dns.answers["internal.test"] = [["10.1.2.3"]]
     fake_dns.answers["mixed.test"] = [["8.8.8.8", "192.168.0.10"]]
-    fetcher = build_fetcher(FetcherConfig(allow_private=False))
-    result = fetcher.fetch(url)
-    assert result.error == "blocked-address"
-    assert result.status is None
+    session = build_session(is_public_address, pool_size=1, user_agent="test")
+    with pytest.raises(BlockedAddressError):
+        session.get(url, timeout=5)
     assert loopback_only == [], "no connection may be attempted to a refused address"
+
+
+def test_a_session_allowing_private_addresses_reaches_them(local_server) -> None:
+    session = build_session(allow_any_address, pool_size=1, user_agent="test")
+    assert session.get(local_server.url("/ok"), timeout=5).status_code == 200
+    assert local_server.hits == [("GET", "/ok")]
+
+
+def test_the_session_carries_the_callers_user_agent() -> None:
+    session = build_session(is_public_address, pool_size=1, user_agent="proxymq-test/1")
+    assert session.headers["User-Agent"] == "proxymq-test/1"
+
+
+def test_the_session_refuses_proxies(local_server) -> None:
+    # Through a proxy the check would see the proxy's address, not the target's.
+    session = build_session(allow_any_address, pool_size=1, user_agent="test")
+    proxy = local_server.url("/")
+    with pytest.raises(RuntimeError, match="proxies"):
+        session.get("http://example.test/", proxies={"http": proxy}, timeout=5)
+    assert local_server.hits == []
