@@ -24,10 +24,9 @@ from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 
 from gateway.replies import ReplyRouter
+from proxymq.confirms import ACK, LOST, ConfirmTracker
 
 log = logging.getLogger(__name__)
-
-ACK, RETURNED, NACK = "ack", "returned", "nack"
 
 
 class BrokerUnavailable(Exception):
@@ -45,10 +44,7 @@ class BrokerLink:
         self._ready = Event()
         self._pid: int | None = None
         self._connection: kombu.Connection | None = None
-        self._channel: amqp.Channel | None = None
-        self._tag = 0
-        self._confirms: dict[int, tuple[str, AsyncResult]] = {}
-        self._returned: set[str] = set()
+        self._confirms: ConfirmTracker | None = None
         self.replies = ReplyRouter()
         self.reply_queue: str | None = None
         # Queues that confirmed a publish: they exist, so their names are safe metric
@@ -91,15 +87,11 @@ class BrokerLink:
         connection.connect()
         self._connection = connection
         channel = connection.connection.channel()
-        channel.confirm_select()
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
-        channel.events["basic_return"].add(self._on_return)
+        confirms = ConfirmTracker(channel)
         queue, _, _ = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply)
-        self._tag = 0
         self.reply_queue = queue
-        self._channel = channel
+        self._confirms = confirms
         self._ready.set()
         log.info("connected to the broker; reply queue %s", queue)
 
@@ -123,14 +115,11 @@ class BrokerLink:
 
     def _teardown(self) -> None:
         self._ready.clear()
-        self._channel = None
+        confirms, self._confirms = self._confirms, None
         self.reply_queue = None
-        confirms, self._confirms = self._confirms, {}
-        self._returned.clear()
-        error = BrokerUnavailable("the connection to the broker was lost")
-        for _, result in confirms.values():
-            result.set_exception(error)
-        self.replies.fail_all(error)
+        if confirms is not None:
+            confirms.lose_all()
+        self.replies.fail_all(BrokerUnavailable("the connection to the broker was lost"))
         if self._connection is not None:
             # The socket may already be gone; there is nothing left to release then.
             with contextlib.suppress(Exception):
@@ -140,91 +129,57 @@ class BrokerLink:
     # -- publishing ---------------------------------------------------------------------
 
     def publish(
-        self,
-        routing_key: str,
-        body: bytes,
-        headers: dict,
-        properties: dict,
-        timeout: float,
-        reply: bool = False,
+        self, routing_key: str, body: bytes, headers: dict, properties: dict, timeout: float
     ) -> str:
         """Publish one message (mandatory, confirmed); return ACK, RETURNED or NACK.
 
-        RETURNED means no queue took the message (the broker sends basic.return before the
-        ack); NACK means the queue refused it (a full queue with ``reject-publish``). With
-        ``reply``, the message names this process's reply queue, read under the lock so it
-        is the queue of the channel that carries the message. Raises ``BrokerUnavailable``
-        at once while disconnected, or when the broker stops reading (a resource alarm) for
-        longer than ``timeout``; ``gevent.Timeout`` when it does not confirm in time.
+        RETURNED means no queue took the message; NACK means the queue refused it (a full
+        queue with ``reject-publish``). A message naming a reply queue must name this
+        process's current one: after a reconnect its reply could not arrive. Raises
+        ``BrokerUnavailable`` at once while disconnected, or when the broker stops
+        reading (a resource alarm) for longer than ``timeout``; ``gevent.Timeout`` when
+        it does not confirm in time.
         """
-        correlation_id = properties["correlation_id"]
         message = amqp.Message(body, application_headers=headers, **properties)
         result = AsyncResult()
         if not self._write_lock.acquire(timeout=timeout):
             raise BrokerUnavailable("the broker is not accepting messages")
         try:
-            tag = self._write(routing_key, message, correlation_id, result, timeout, reply)
+            confirms = self._confirms
+            reply_to = properties.get("reply_to")
+            if confirms is None or (reply_to is not None and reply_to != self.reply_queue):
+                raise BrokerUnavailable("not connected to the broker")
+            tag = self._write(confirms, routing_key, message, result.set, timeout)
         finally:
             self._write_lock.release()
         try:
             outcome = result.get(timeout=timeout)
         finally:
-            self._confirms.pop(tag, None)
-            self._returned.discard(correlation_id)
+            confirms.forget(tag)
+        if outcome == LOST:
+            raise BrokerUnavailable("the connection to the broker was lost")
         if outcome == ACK:
             self.known_queues.add(routing_key)
         return outcome
 
-    def _write(self, routing_key, message, correlation_id, result, timeout, reply) -> int:
-        """Under the write lock: number the publish for its confirm, write it, bounded."""
-        channel = self._channel
-        if channel is None:
-            raise BrokerUnavailable("not connected to the broker")
-        if reply:
-            message.properties["reply_to"] = self.reply_queue
-        self._tag += 1
-        tag = self._tag
-        self._confirms[tag] = (correlation_id, result)
+    def _write(self, confirms, routing_key, message, settled, timeout) -> int:
+        """Under the write lock: publish, bounded in time."""
         try:
             with gevent.Timeout(timeout):
-                channel.basic_publish(message, "", routing_key, mandatory=True)
+                return confirms.publish(routing_key, message, settled, mandatory=True)
         except BaseException as exc:
             # Half a frame may be on the wire and the delivery tags no longer match the
             # broker's count: this connection cannot be used any more.
-            self._confirms.pop(tag, None)
             self._break()
             if isinstance(exc, Exception | gevent.Timeout):
                 raise BrokerUnavailable(f"publish failed: {exc!r}") from exc
             raise
-        return tag
 
     def _break(self) -> None:
         """Close the socket under the reader, which then tears down and reconnects."""
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.connection.collect()
-
-    def _settle(self, delivery_tag: int, multiple: bool, outcome: str) -> None:
-        tags = [t for t in self._confirms if t <= delivery_tag] if multiple else [delivery_tag]
-        for tag in tags:
-            entry = self._confirms.pop(tag, None)
-            if entry is None:
-                continue
-            correlation_id, result = entry
-            if correlation_id in self._returned:
-                self._returned.discard(correlation_id)
-                result.set(RETURNED)
-            else:
-                result.set(outcome)
-
-    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle(delivery_tag, multiple, ACK)
-
-    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle(delivery_tag, multiple, NACK)
-
-    def _on_return(self, exc, exchange, routing_key, message) -> None:
-        self._returned.add(message.properties.get("correlation_id"))
 
     # -- replies ------------------------------------------------------------------------
 

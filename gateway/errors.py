@@ -1,14 +1,11 @@
-"""Errors the gateway answers itself, with SPEC.md's codes.
+"""Errors the gateway answers itself, with the codes of the reference (docs/reference.md).
 
-Every such answer carries ``X-ProxyMQ-Error: <code>`` and a JSON body, so a client can
-always tell the gateway's own errors from the downstream's answers.
+Every such answer carries ``X-ProxyMQ-Error: <code>`` and a JSON body
+(``gateway.answers.error_answer``), so a client can always tell the gateway's own
+errors from the downstream's answers.
 """
 
 from __future__ import annotations
-
-import json
-
-from flask import Response
 
 
 class GatewayError(Exception):
@@ -46,12 +43,5 @@ def timeout(seconds: float) -> GatewayError:
     return GatewayError(504, "timeout", f"no reply within {seconds:g} s")
 
 
-def error_response(error: GatewayError, correlation_id: str | None) -> Response:
-    body = {"error": error.code, "message": error.message, "correlation_id": correlation_id}
-    response = Response(json.dumps(body), status=error.status, mimetype="application/json")
-    response.headers["X-ProxyMQ-Error"] = error.code
-    if correlation_id:
-        response.headers["X-Correlation-ID"] = correlation_id
-    if error.retry_after is not None:
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "body-too-large", f"request body over the limit of {limit} bytes")

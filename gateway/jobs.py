@@ -8,42 +8,37 @@ finds it.
 
 from __future__ import annotations
 
-import json
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import gevent
 import redis
-from flask import Request, Response
 
-from gateway import errors, metrics, proxy
-from gateway.broker import BrokerLink, BrokerUnavailable
-from proxymq.config import GatewayConfig
-from proxymq.envelope import RequestEnvelope
+from gateway import errors, incoming, metrics
+from gateway.answers import Answer, json_answer, reply_answer
+from gateway.broker import BrokerUnavailable
+from gateway.outgoing import envelope_of, publish
 from proxymq.jobs import CANCELLED, DONE, QUEUED, Job, JobStore, owner_hash
 
-CALLBACK_HEADER = "X-ProxyMQ-Callback"
+if TYPE_CHECKING:
+    from gateway.proxy import Gateway
+
 PUBLISH_TIMEOUT = 10.0
 
 
-def wants_async(request: Request) -> bool:
-    """RFC 7240: ``Prefer: respond-async`` (among other preferences, any case)."""
-    preferences = ",".join(request.headers.getlist("Prefer")).lower()
-    return "respond-async" in {p.split(";")[0].strip() for p in preferences.split(",")}
-
-
-def callback_url(request: Request) -> str | None:
-    url = request.headers.get(CALLBACK_HEADER)
+def callback_url(headers: incoming.Headers) -> str | None:
+    url = incoming.header(headers, incoming.CALLBACK_HEADER)
     if url is None:
         return None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise errors.bad_request(f"{CALLBACK_HEADER} must be an http or https URL")
+        raise errors.bad_request(f"{incoming.CALLBACK_HEADER} must be an http or https URL")
     return url
 
 
 def store_unavailable(exc: Exception) -> errors.GatewayError:
     return errors.GatewayError(
-        503, "result-store-unavailable", f"the result store cannot be reached: {exc}", 5
+        503, "result-store-unavailable", "the result store cannot be reached", 5
     )
 
 
@@ -51,30 +46,41 @@ def unknown_job(job_id: str) -> errors.GatewayError:
     return errors.GatewayError(404, "unknown-job", f"no job {job_id!r}")
 
 
-def _json(status: int, body: dict, **headers: str) -> Response:
-    return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
-
-
 def submit(
-    store: JobStore | None,
-    link: BrokerLink,
-    envelope: RequestEnvelope,
+    gateway: Gateway,
+    environ: dict,
     job_id: str,
-    request: Request,
-    config: GatewayConfig,
-) -> Response:
+    service: str,
+    path: str,
+    query: str,
+    headers: incoming.Headers,
+) -> Answer:
     """Record the job, publish it (confirmed), answer 202 with its location."""
+    store, config = gateway.store, gateway.config
     if store is None:
         raise errors.GatewayError(
             501, "async-unavailable", "asynchronous jobs need PROXYMQ_RESULT_URL on the gateway"
         )
-    owner = owner_hash(request.headers.get(config.job_auth_header))
+    callback = callback_url(headers)
+    envelope = envelope_of(
+        environ,
+        service,
+        environ["REQUEST_METHOD"],
+        path,
+        query,
+        headers,
+        config.job_timeout,
+        config,
+        job=True,
+        callback=callback,
+    )
+    owner = owner_hash(incoming.header(headers, config.job_auth_header))
     try:
         store.create(job_id, envelope.service, owner, envelope.deadline)
     except redis.RedisError as exc:
         raise store_unavailable(exc) from None
     try:
-        proxy.publish(link, envelope, job_id, PUBLISH_TIMEOUT, reply=False)
+        publish(gateway.link, envelope, job_id, PUBLISH_TIMEOUT, reply_to=None)
     except (BrokerUnavailable, gevent.Timeout) as exc:
         _forget(store, job_id)
         raise errors.broker_unavailable(str(exc) or "no publisher confirm") from None
@@ -83,31 +89,30 @@ def submit(
         raise
     metrics.jobs_total.labels(envelope.service, "submitted").inc()
     location = f"/jobs/{job_id}"
-    return _json(
+    return json_answer(
         202,
         {"id": job_id, "status": QUEUED, "location": location},
-        Location=location,
-        **{"X-Correlation-ID": job_id},
+        [("Location", location), ("X-Correlation-ID", job_id)],
     )
 
 
-def poll(store: JobStore | None, job_id: str, credential: str | None) -> Response:
+def poll(store: JobStore | None, job_id: str, credential: str | None) -> Answer:
     """202 while pending; then the answer exactly as the synchronous call would give it."""
     job = _owned(store, job_id, credential)
     if job.status == DONE and job.reply is not None:
-        return proxy.reply_response(job.reply, job_id)
+        return reply_answer(job.reply, job_id, "GET")
     if job.expired:
         raise errors.GatewayError(504, "timeout", "the job did not finish before its deadline")
-    return _json(202, {"id": job_id, "status": job.status}, **{"X-Correlation-ID": job_id})
+    return json_answer(202, {"id": job_id, "status": job.status}, [("X-Correlation-ID", job_id)])
 
 
-def delete(store: JobStore | None, job_id: str, credential: str | None) -> Response:
+def delete(store: JobStore | None, job_id: str, credential: str | None) -> Answer:
     """Cancel a queued job (the worker will skip it) or forget a finished one."""
     job = _owned(store, job_id, credential)
     if job.status == DONE:
         _forget(store, job_id)
         metrics.jobs_total.labels(job.service, "forgotten").inc()
-        return Response(status=204)
+        return Answer(204)
     try:
         cancelled = store.cancel(job_id) == QUEUED
     except redis.RedisError as exc:
@@ -115,7 +120,7 @@ def delete(store: JobStore | None, job_id: str, credential: str | None) -> Respo
     if not cancelled:
         raise errors.GatewayError(409, "job-running", f"job {job_id!r} is already running")
     metrics.jobs_total.labels(job.service, CANCELLED).inc()
-    return Response(status=204)
+    return Answer(204)
 
 
 def _owned(store: JobStore | None, job_id: str, credential: str | None) -> Job:

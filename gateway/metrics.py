@@ -8,6 +8,8 @@ prometheus_client's multiprocess mode: each process writes its samples to files 
 from __future__ import annotations
 
 import os
+import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +22,11 @@ from prometheus_client import (
     multiprocess,
 )
 
+from proxymq.config import GatewayConfig, queue_name
 from proxymq.metrics import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from gateway.answers import Answer
 
 # A name nobody asked for must not become a label value: unknown services share one.
 UNKNOWN_SERVICE = "_unknown"
@@ -58,6 +64,28 @@ jobs_total = Counter(
     "Asynchronous jobs by what happened at the gateway (submitted, cancelled, forgotten)",
     ["service", "event"],
 )
+
+
+def label(service: str, config: GatewayConfig, known_queues: set[str]) -> str:
+    """The service as a metric label, only once it is known to be real: allowed by
+    ``PROXYMQ_SERVICES``, or its queue confirmed a publish. A name any client can
+    invent must not become a label value (every value is a new time series)."""
+    if config.services is not None and service in config.services:
+        return service
+    if queue_name(service) in known_queues:
+        return service
+    return UNKNOWN_SERVICE
+
+
+def count(service: str, answer: Answer, started: float) -> None:
+    """Count one answered request under an already checked ``label``."""
+    code = next((v for n, v in answer.headers if n == "X-ProxyMQ-Error"), None)
+    if code == "timeout":
+        timeouts_total.labels(service).inc()
+    elif code in ("queue-full", "broker-unavailable"):
+        shed_total.labels(service, code).inc()
+    requests_total.labels(service, str(answer.status)).inc()
+    request_duration.labels(service).observe(time.perf_counter() - started)
 
 
 def exposition() -> tuple[bytes, str]:

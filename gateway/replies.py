@@ -17,9 +17,6 @@ class ReplyRouter:
     def __init__(self) -> None:
         self._waiting: dict[str, AsyncResult] = {}
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
     def expect(self, correlation_id: str) -> AsyncResult:
         waiter = AsyncResult()
         self._waiting[correlation_id] = waiter

@@ -28,7 +28,8 @@ import msgpack
 from proxymq.headers import Headers
 
 TASK_NAME = "proxymq.forward"
-# Deliveries so far, counted by the workers (classic queues only flag redeliveries).
+# Deliveries so far, counted by the workers (classic queues only flag redeliveries);
+# absent on the first.
 DELIVERIES_HEADER = "proxymq_deliveries"
 SENT_HEADER = "proxymq_sent"
 CONTENT_TYPE = "application/x-msgpack"
@@ -74,22 +75,60 @@ class RequestEnvelope:
         }
 
     @classmethod
-    def from_wire(cls, wire: dict) -> RequestEnvelope:
-        """Rebuild a request; raise ``ValueError`` when the message is not one."""
-        try:
-            return cls(
-                service=str(wire["service"]),
-                method=str(wire["method"]),
-                path=str(wire["path"]),
-                query=str(wire["query"]),
-                headers=[(str(name), str(value)) for name, value in wire["headers"]],
-                body=bytes(wire["body"]),
-                deadline=int(wire["deadline"]),
-                job=bool(wire.get("job", False)),
-                callback=str(wire["callback"]) if wire.get("callback") else None,
+    def from_wire(cls, wire: object) -> RequestEnvelope:
+        """Rebuild a request; ``ValueError`` naming the first problem when it is not one.
+
+        Strict on purpose: a worker must tell a malformed message from a request (and
+        dead-letter it) before anything acts on it, not fail halfway through a call.
+        """
+        if not isinstance(wire, dict):
+            raise ValueError("the request envelope is not a map")
+        missing = sorted(_FIELDS - wire.keys())
+        if missing:
+            raise ValueError(f"the request envelope lacks {', '.join(missing)}")
+        headers = wire["headers"]
+        callback = wire.get("callback")
+        problems = [
+            name
+            for name, ok in (
+                ("service", isinstance(wire["service"], str)),
+                ("method", wire["method"] in METHODS),
+                ("path", isinstance(wire["path"], str) and wire["path"].startswith("/")),
+                ("query", isinstance(wire["query"], str)),
+                ("headers", isinstance(headers, list) and all(map(_is_header, headers))),
+                ("body", isinstance(wire["body"], bytes)),
+                ("deadline", type(wire["deadline"]) is int),
+                ("job", isinstance(wire.get("job", False), bool)),
+                ("callback", callback is None or isinstance(callback, str)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed request envelope: {exc!r}") from exc
+            if not ok
+        ]
+        if problems:
+            raise ValueError(f"the request envelope has a malformed {problems[0]}")
+        return cls(
+            service=wire["service"],
+            method=wire["method"],
+            path=wire["path"],
+            query=wire["query"],
+            headers=[(name, value) for name, value in headers],
+            body=wire["body"],
+            deadline=wire["deadline"],
+            job=wire.get("job", False),
+            callback=callback or None,
+        )
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_FIELDS = frozenset({"service", "method", "path", "query", "headers", "body", "deadline"})
+
+
+def _is_header(pair: object) -> bool:
+    return (
+        isinstance(pair, list | tuple)
+        and len(pair) == 2
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], str)
+    )
 
 
 @dataclass(slots=True)
@@ -108,16 +147,12 @@ class ReplyEnvelope:
 
 
 def task_message(
-    request: RequestEnvelope,
-    correlation_id: str,
-    reply_to: str | None,
-    deliveries: int = 1,
-    sent: int | None = None,
+    request: RequestEnvelope, correlation_id: str, reply_to: str | None
 ) -> tuple[bytes, dict, dict]:
     """Return ``(body, headers, properties)`` of the Celery task message for ``request``.
 
-    ``deliveries`` and ``sent`` (epoch ms of the gateway's publish) are given when a
-    worker publishes the request again, to keep counting its deliveries.
+    ``reply_to`` is the queue that waits for the answer (None for a job, whose answer
+    goes to the result store).
     """
     now = int(time.time() * 1000)
     expires = datetime.fromtimestamp(request.deadline / 1000, tz=UTC).isoformat()
@@ -136,9 +171,7 @@ def task_message(
         "argsrepr": f"{request.method} /{request.service}{request.path}",
         "kwargsrepr": "{}",
         "origin": _ORIGIN,
-        "x-proxymq-deadline": request.deadline,
-        DELIVERIES_HEADER: deliveries,
-        SENT_HEADER: sent or now,
+        SENT_HEADER: now,
     }
     # The broker drops the message once nobody waits for its answer any more. Synchronous
     # requests are transient: their reply queue dies with the broker anyway, and
@@ -158,6 +191,29 @@ def task_message(
 def task_body(args: list) -> bytes:
     """The body of a Celery protocol-2 message with positional ``args``."""
     return msgpack.packb([args, {}, _EMBED], use_bin_type=True)
+
+
+def request_from_task(body: bytes) -> RequestEnvelope:
+    """The request a task message body carries; ``ValueError`` when it carries none."""
+    try:
+        decoded = msgpack.unpackb(body, raw=False)
+    except Exception as exc:  # msgpack raises several types for bad bytes
+        raise ValueError(
+            f"cannot be decoded: the body is not msgpack ({type(exc).__name__})"
+        ) from None
+    if not (isinstance(decoded, list) and len(decoded) == 3):
+        raise ValueError("the body is not a Celery protocol-2 task body")
+    args, kwargs, _ = decoded
+    if not isinstance(args, list) or len(args) != 1 or kwargs:
+        raise ValueError(f"{TASK_NAME} takes one request envelope and no keyword arguments")
+    return RequestEnvelope.from_wire(args[0])
+
+
+def recounted(headers: dict, properties: dict, deliveries: int, deadline: int) -> tuple[dict, dict]:
+    """Headers and properties of a request published again by a worker: its delivery
+    count carried along, its expiry what is left of the deadline."""
+    left = max(1, deadline - int(time.time() * 1000))
+    return {**headers, DELIVERIES_HEADER: deliveries}, {**properties, "expiration": str(left)}
 
 
 def encode_reply(reply: ReplyEnvelope) -> bytes:

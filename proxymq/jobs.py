@@ -128,9 +128,3 @@ class JobStore:
 
     def forget(self, job_id: str) -> None:
         self._redis.delete(self.key(job_id))
-
-    def ping(self) -> bool:
-        try:
-            return bool(self._redis.ping())
-        except redis.RedisError:
-            return False

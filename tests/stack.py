@@ -138,14 +138,25 @@ class Stack:
         return gateway
 
     def worker(
-        self, service: str, downstream_url: str, *extra: str, wait: bool = True, **env: str
+        self,
+        service: str,
+        downstream_url: str,
+        *extra: str,
+        wait: bool = True,
+        named: bool = True,
+        **env: str,
     ) -> Process:
+        """``celery -A workers worker -Q <service>_requests``, with a node name of its own
+        unless ``named`` is False (then the worker picks its default)."""
         env.setdefault("PROXYMQ_DOWNSTREAM_URL", downstream_url)
         env.setdefault("PROXYMQ_WORKER_METRICS_PORT", str(free_port()))
-        name = f"w{len(self.processes)}-{uuid.uuid4().hex[:6]}@%h"
-        args = ["celery", "-A", "workers", "worker", "-Q", f"{service}_requests", "-n", name]
+        args = ["celery", "-A", "workers", "worker", "-Q", f"{service}_requests"]
+        if named:
+            args += ["-n", f"w{len(self.processes)}-{uuid.uuid4().hex[:6]}@%h"]
+        # Counted before it starts, and from 0: the queue exists (declared by the worker)
+        # a little before its consumer does.
+        before = max(0, consumers(f"{service}_requests"))
         process = self.run("worker", [*args, "--without-mingle", "--without-gossip", *extra], **env)
-        before = consumers(f"{service}_requests")
         if not wait:
             return process
         self._await(

@@ -3,7 +3,7 @@
 Run with ``celery -A workers worker -Q <service>_requests``.
 """
 
-from workers import tasks  # noqa: F401  -- registers the task with the app
+from workers import tasks  # noqa: F401  -- registers proxymq.forward with the app
 from workers.app import app
 
 __all__ = ["app"]

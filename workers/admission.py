@@ -1,82 +1,42 @@
-"""Whether one delivery may call the downstream; single and batch mode both ask here.
+"""Whether a delivery may call its downstream: one rule for single and batch mode.
 
-A delivery is settled without a call when its deadline has passed (dropped unseen),
-when it has been delivered more than ``max_deliveries`` times (dead-lettered, answered
-``poison``), when a classic queue redelivered it (published again with its count, see
-``workers.poison``), when it is held (the downstream is unhealthy, or a job reached a
-worker without a result store: back to the queue, count unchanged), or when it is a job
-that was cancelled meanwhile.
+A pure decision on what the delivery and the worker's state say; ``workers.pipeline``
+carries it out. Whether a job was cancelled is asked later, in the pool thread, just
+before its call (``workers.answering.start_job``): it needs the result store, and a
+round trip to Redis must not stall the consumer thread that every request goes through.
 """
 
 from __future__ import annotations
 
+import enum
 import time
-from dataclasses import dataclass
 
-from proxymq.config import ServiceConfig
-from proxymq.envelope import RequestEnvelope, task_message
-from workers import answering, metrics, poison
-from workers.runtime import Runtime
+from workers.delivery import Delivery
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One delivery of a request message, as the broker handed it over."""
-
-    request: RequestEnvelope
-    correlation_id: str
-    reply_to: str | None
-    queue: str
-    headers: dict
-    redelivered: bool
-
-
-def admit(state: Runtime, service: ServiceConfig, delivery: Delivery, hold: bool) -> int | None:
-    """The delivery's number when the downstream may be called, else None (settled here)."""
-    request = delivery.request
-    now_ms = time.time() * 1000
-    if request.deadline <= now_ms:
-        metrics.expired_total.labels(service.name).inc()
-        return None
-    deliveries = poison.delivery_count(delivery.headers, delivery.redelivered)
-    sent = poison.sent_time(delivery.headers)
-    if deliveries > service.max_deliveries:
-        _dead_letter(state, service, delivery, deliveries, sent)
-        return None
-    classic_redelivery = delivery.redelivered and delivery.headers.get("x-delivery-count") is None
-    if classic_redelivery or hold or (request.job and state.jobs is None):
-        # A classic redelivery goes back with its count raised; a held request with it
-        # unchanged (the service never saw it; a reject would count as a delivery).
-        poison.publish_counted(
-            state.publisher,
-            delivery.queue,
-            request,
-            delivery.correlation_id,
-            delivery.reply_to,
-            deliveries,
-            sent,
-        )
-        return None
-    if request.job and not answering.start_job(state, service.name, delivery.correlation_id):
-        return None
-    if sent and deliveries == 1:
-        metrics.queue_wait.labels(service.name).observe(max(0.0, now_ms - sent) / 1000)
-    return deliveries
+class Verdict(enum.Enum):
+    CALL = "call"
+    # Its deadline passed: nobody waits for the answer; acknowledged unseen.
+    EXPIRED = "expired"
+    # Delivered more than max_deliveries times: dead-lettered and answered ``poison``.
+    DEAD = "dead"
+    # Published again carrying its count, this delivery acknowledged: a classic queue's
+    # redelivery (so that the count goes on), or a held request (the downstream is
+    # unhealthy, or a job reached a worker without a result store) whose count stays
+    # as it is (the service never saw it; a reject would count as a delivery).
+    AGAIN = "again"
 
 
-def _dead_letter(
-    state: Runtime, service: ServiceConfig, delivery: Delivery, deliveries: int, sent: int | None
-) -> None:
-    body, headers, properties = task_message(
-        delivery.request,
-        delivery.correlation_id,
-        delivery.reply_to,
-        deliveries=deliveries,
-        sent=sent,
+def admit(delivery: Delivery, healthy: bool, has_result_store: bool) -> Verdict:
+    if delivery.due <= time.monotonic():
+        return Verdict.EXPIRED
+    if delivery.count > delivery.service.max_deliveries:
+        return Verdict.DEAD
+    headers = delivery.message.headers
+    classic_redelivery = (
+        bool((delivery.message.delivery_info or {}).get("redelivered"))
+        and headers.get("x-delivery-count") is None
     )
-    reason = f"{deliveries - 1} deliveries, PROXYMQ_MAX_DELIVERIES is {service.max_deliveries}"
-    poison.dead_letter(
-        state.publisher, service.name, delivery.queue, body, headers, properties, reason
-    )
-    reply = poison.poison_reply(deliveries - 1)
-    answering.answer(state, delivery.request, delivery.correlation_id, delivery.reply_to, reply)
+    if classic_redelivery or not healthy or (delivery.request.job and not has_result_store):
+        return Verdict.AGAIN
+    return Verdict.CALL

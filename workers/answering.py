@@ -1,54 +1,46 @@
-"""Where an answer goes: a job's to the result store (and its callback), others to the
-gateway's reply queue. Single mode (``workers.tasks``) and batch mode
-(``workers.batching``) both answer through here."""
+"""A job's side of answering: the result store and the callback, in a pool thread.
+
+A synchronous request's answer goes to its gateway's reply queue, published from the
+consumer thread (``workers.pipeline``). A job's goes to the result store, and its
+callback is POSTed; both are network calls that must not stall the consumer thread, so
+they run here, in the pool thread that made the downstream call.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from proxymq.envelope import ReplyEnvelope, RequestEnvelope
+from proxymq.envelope import ReplyEnvelope
 from workers import metrics
+from workers.delivery import Delivery
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-class NoResultStore(Exception):
-    """A job reached a worker without PROXYMQ_RESULT_URL; it must go back to the queue."""
-
-
-def answer(
-    state: Runtime,
-    request: RequestEnvelope | None,
-    correlation_id: str,
-    reply_to: str | None,
-    reply: ReplyEnvelope,
-) -> None:
-    if request is not None and request.job:
-        finish_job(state, request.service, correlation_id, reply, request.callback)
-    elif reply_to:
-        state.publisher.reply(reply_to, correlation_id, reply)
-
-
-def start_job(state: Runtime, service: str, job_id: str) -> bool:
+def start_job(runtime: Runtime, delivery: Delivery) -> bool:
     """Mark the job running; False (skip it) when it was cancelled or forgotten."""
-    if state.jobs is None:
-        raise NoResultStore("a job needs PROXYMQ_RESULT_URL on the worker")
-    if state.jobs.start(job_id):
+    assert runtime.jobs is not None  # admission holds jobs on workers without a store
+    if runtime.jobs.start(delivery.correlation_id):
         return True
-    log.info("skipped job %s of %s: cancelled or forgotten", job_id, service)
-    metrics.jobs_total.labels(service, "skipped").inc()
+    log.info(
+        "skipped job %s of %s: cancelled or forgotten",
+        delivery.correlation_id,
+        delivery.service.name,
+    )
+    metrics.jobs_total.labels(delivery.service.name, "skipped").inc()
     return False
 
 
-def finish_job(
-    state: Runtime, service: str, job_id: str, reply: ReplyEnvelope, callback: str | None
-) -> None:
-    if state.jobs is None:
-        raise NoResultStore("a job needs PROXYMQ_RESULT_URL on the worker")
-    if not state.jobs.finish(job_id, reply):
-        return  # cancelled or forgotten meanwhile
+def finish_job(runtime: Runtime, delivery: Delivery, reply: ReplyEnvelope) -> None:
+    """Store the answer (a job cancelled or forgotten meanwhile stays so) and POST it to
+    the job's callback. Raises when the store cannot be reached: unanswered, the
+    request goes back to its queue."""
+    assert runtime.jobs is not None
+    job_id, service = delivery.correlation_id, delivery.service.name
+    if not runtime.jobs.finish(job_id, reply):
+        return
     failed = reply.error is not None or reply.status >= 500
     metrics.jobs_total.labels(service, "failed" if failed else "completed").inc()
-    if callback:
-        state.callbacks.send(callback, job_id, reply)
+    if delivery.request.callback:
+        runtime.callbacks.send(delivery.request.callback, job_id, reply)

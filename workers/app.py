@@ -3,21 +3,26 @@
 Defaults an I/O proxy needs, unlike Celery's: a thread pool of 64 (Celery's default is a
 prefork pool of one process per core, i.e. 2 calls at once here). Threads need no
 monkey-patching, so the plain ``celery -A workers worker`` runs calls concurrently;
-``-c`` still sets the limit and ``-P gevent`` still works. Acks are late and a lost
-worker's messages go back to the queue, so a killed worker loses nothing.
+``-c`` sets how many downstream calls run at once. The pool must be threads: the
+consumer thread owns the broker connection and pool threads hand their outcomes back to
+it (``workers.pipeline``), which needs Celery's event loop (prefork, gevent, eventlet
+and solo run without it, or cannot share the pipeline's objects).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import prometheus_client
 from celery import Celery, signals
+from celery.concurrency import get_implementation
 from kombu import Queue
 
 from proxymq.config import ConfigError, ServiceConfig, WorkerConfig, broker_url
-from workers import batching, runtime
+from workers.consumer import ForwardStep
+from workers.runtime import Runtime
 
 DEFAULT_CONCURRENCY = 64
 
@@ -44,6 +49,19 @@ def service_queue(service: ServiceConfig) -> Queue:
     # The gateway publishes to the default exchange, which routes by queue name; the
     # binding Celery adds to its own exchange is unused but harmless.
     return Queue(service.queue, routing_key=service.queue, durable=True, queue_arguments=arguments)
+
+
+def node_name(services: list[str], given: str, argv: list[str]) -> str:
+    """The worker's node name: ``-n`` when given, else one unique to this process.
+
+    Celery's default, ``celery@<host>``, is the same for every worker on a host, and
+    Kombu 5.7's pidbox queues are exclusive: a second worker started without ``-n``
+    would die at start. So the default is ``<services>.<pid>@<host>``.
+    """
+    named = any(a in ("-n", "--hostname") or a.startswith(("--hostname=", "-n")) for a in argv)
+    if named or given != f"celery@{socket.gethostname()}":
+        return given
+    return f"{'-'.join(services)[:60]}.{os.getpid()}@{socket.gethostname()}"
 
 
 def _broker_url() -> str:
@@ -76,6 +94,7 @@ app.conf.update(
     task_create_missing_queues=False,
     worker_consumer="workers.consumer:Consumer",
 )
+app.steps["consumer"].add(ForwardStep)
 
 
 @signals.celeryd_init.connect
@@ -87,14 +106,16 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
         queues = [q for q in queues.split(",") if q]
     try:
         config = WorkerConfig.from_env(os.environ, queues or None)
+        _check_pool(options.get("pool_cls") or conf.worker_pool)
     except ConfigError as error:
         _stop(error)
     conf.task_queues = [service_queue(service) for service in config.services.values()]
     # Flower and celery-exporter need task events; PROXYMQ_TASK_EVENTS=false saves three
     # event messages per request. Set here: the worker reads it after this signal.
     conf.worker_send_task_events = config.task_events
+    instance.hostname = node_name(list(config.services), instance.hostname, sys.argv)
     concurrency = options.get("concurrency") or conf.worker_concurrency
-    runtime.start(config, concurrency)
+    instance.proxymq = Runtime.build(config, concurrency)
     try:
         prometheus_client.start_http_server(config.metrics_port)
     except OSError as exc:
@@ -106,15 +127,14 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
         )
 
 
+def _check_pool(pool) -> None:
+    threads = get_implementation("threads")
+    chosen = get_implementation(pool) if isinstance(pool, str) else pool
+    if chosen is not threads:
+        name = getattr(chosen, "__module__", str(chosen)).rsplit(".", 1)[-1]
+        raise ConfigError("-P", f"ProxyMQ workers run on the threads pool, not {name!r}")
+
+
 @signals.worker_ready.connect
 def _open_health_gate(sender=None, **_) -> None:
-    runtime.current().health.start(app, sender.hostname)
-
-
-@signals.worker_shutting_down.connect
-def _close_health_gate(**_) -> None:
-    runtime.current().health.stop()
-
-
-# Services with a batch_url are consumed by this bootstep, not by the task consumer.
-app.steps["consumer"].add(batching.BatchStep)
+    sender.controller.proxymq.health.start(app, sender.hostname)

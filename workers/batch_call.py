@@ -1,10 +1,11 @@
 """One batch call: SPEC.md's JSON array out, one reply per request back.
 
 Pure translation plus one HTTP call, no queue or thread logic (that is
-``workers.batching``), so the wire format is read in one place. Nothing here raises for a
-downstream failure: a failed call becomes 502 ``bad-batch-response`` for every request
-in it, an answer lacking an item becomes 502 for that request alone, and a malformed
-answer is just another failed call, so no downstream can crash a worker.
+``workers.batching``), so the wire format is read in one place. Nothing here raises for
+a downstream failure: a failed call becomes 502 ``bad-batch-response`` for every request
+in it (504 ``timeout`` when their deadline cut it off), an answer lacking an item becomes
+502 for that request alone, and a malformed answer is just another failed call, so no
+downstream can crash a worker.
 """
 
 from __future__ import annotations
@@ -12,38 +13,31 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import requests
 
-from proxymq.config import ServiceConfig
-from proxymq.envelope import ReplyEnvelope, RequestEnvelope
+from proxymq.envelope import ReplyEnvelope
 from proxymq.headers import end_to_end
 from workers import forwarding
+from workers.delivery import Delivery
 
 ERROR = "bad-batch-response"
 
 
 class BatchFailed(Exception):
-    """The batch call as a whole failed; ``str()`` says why (it reaches the client)."""
+    """The batch call as a whole failed; ``reply`` is every request's answer."""
 
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One request of a batch, with what the downstream is told about it."""
-
-    correlation_id: str
-    request: RequestEnvelope
-    deliveries: int
+    def __init__(self, reply: ReplyEnvelope) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
 
 
 def bad_batch(message: str) -> ReplyEnvelope:
     return ReplyEnvelope(status=502, error=ERROR, message=message)
 
 
-def encode_item(item: Item) -> dict[str, Any]:
+def encode_item(item: Delivery) -> dict[str, Any]:
     """The item as SPEC.md's batch contract says.
 
     ``headers`` is a JSON object, so names are lower-cased (object keys are
@@ -53,7 +47,7 @@ def encode_item(item: Item) -> dict[str, Any]:
     """
     request = item.request
     headers: dict[str, str] = {}
-    for name, value in forwarding.downstream_headers(request, item.correlation_id, item.deliveries):
+    for name, value in forwarding.downstream_headers(item):
         key = name.lower()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     wire: dict[str, Any] = {
@@ -73,47 +67,47 @@ def encode_item(item: Item) -> dict[str, Any]:
     return wire
 
 
-def call(
-    http: requests.Session, service: ServiceConfig, items: list[Item]
-) -> dict[str, ReplyEnvelope]:
-    """Every item's reply, keyed by correlation id; never raises."""
+def call(http: requests.Session, batch: list[Delivery]) -> dict[str, ReplyEnvelope]:
+    """Every delivery's reply, keyed by correlation id; never raises."""
     try:
-        answers = _post(http, service, items)
+        answers = _post(http, batch)
     except BatchFailed as exc:
-        return {item.correlation_id: bad_batch(str(exc)) for item in items}
+        return {item.correlation_id: exc.reply for item in batch}
     missing = bad_batch("the batch answer has no item for this request")
-    return {item.correlation_id: answers.get(item.correlation_id, missing) for item in items}
+    return {item.correlation_id: answers.get(item.correlation_id, missing) for item in batch}
 
 
-def _post(
-    http: requests.Session, service: ServiceConfig, items: list[Item]
-) -> dict[str, ReplyEnvelope]:
+def _post(http: requests.Session, batch: list[Delivery]) -> dict[str, ReplyEnvelope]:
     """Send the batch; wait no longer than its latest deadline or ``downstream_timeout``."""
-    deadlines = [item.request.deadline for item in items]
-    budget = min(service.downstream_timeout, max(deadlines) / 1000 - time.time())
-    if budget <= 0:
-        raise BatchFailed("every deadline of the batch passed before the call")
-    data = json.dumps([encode_item(item) for item in items], separators=(",", ":"))
+    service = batch[0].service
+    deadlines = [item.request.deadline for item in batch]
+    seconds, deadline_bound = forwarding.budget(service, max(deadlines))
+    if seconds <= 0:
+        raise BatchFailed(forwarding.timed_out())
+    data = json.dumps([encode_item(item) for item in batch], separators=(",", ":"))
     headers = {"Content-Type": "application/json", "X-ProxyMQ-Deadline": str(min(deadlines))}
     try:
         response = http.post(
             service.batch_url or "",
             data=data.encode("utf-8"),
             headers=headers,
-            timeout=budget,
+            timeout=seconds,
             allow_redirects=False,
         )
         content = response.content
-    except (requests.RequestException, OSError) as exc:
-        raise BatchFailed(f"batch call failed: {type(exc).__name__}: {exc}") from None
+    except forwarding.FAILURES as exc:
+        reply = forwarding.failure(exc, deadline_bound, f"batch call to {service.name}")
+        if reply.error != "timeout":
+            reply = bad_batch(f"the batch call failed: {reply.message}")
+        raise BatchFailed(reply) from None
     if response.status_code != 200:
-        raise BatchFailed(f"the batch endpoint answered {response.status_code}, not 200")
+        raise BatchFailed(bad_batch(f"the batch endpoint answered {response.status_code}, not 200"))
     try:
         payload = json.loads(content)
     except ValueError:
-        raise BatchFailed("the batch answer is not JSON") from None
+        raise BatchFailed(bad_batch("the batch answer is not JSON")) from None
     if not isinstance(payload, list):
-        raise BatchFailed("the batch answer is not a JSON array")
+        raise BatchFailed(bad_batch("the batch answer is not a JSON array"))
     return parse_answer(payload)
 
 

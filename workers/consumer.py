@@ -1,17 +1,20 @@
-"""Celery's consumer, with messages it cannot run dead-lettered instead of dropped, and
-task events sent in bunches.
+"""Celery's consumer, serving ProxyMQ's request queues through ``workers.pipeline``.
 
-Celery acknowledges a message it cannot decode and rejects one naming an unknown task or
-malformed as a task; either way the message is gone and its client waits for nothing.
-Here such a message goes to ``<queue>.dead`` as it was, and a client whose reply queue
-the message names gets 502 ``poison`` at once. (Selected with ``worker_consumer``.)
+``ForwardStep`` is the consumer bootstep that hosts the pipeline. Messages still come in
+through Celery's own task consumer, so ``-Q``, the prefetch, ``add_consumer`` /
+``cancel_consumer``, ``inspect active_queues`` and reconnects stay Celery's; the task
+``proxymq.forward`` has a strategy (``workers.tasks``) that hands each message to the
+pipeline instead of to Celery's request and tracing machinery.
 
-Task events: Celery buffers them and publishes the buffer as one ``task.multi`` message
-on the event loop's next turn, i.e. right after each request is received and again after
-it succeeds: two messages per request, the first one while the request's thread waits
-for the GIL to start. Here the buffer is published at most ``EVENTS_FLUSH_S`` after its
-first event (or at Celery's own 24-event limit), so under load one message carries many
-events; Flower and celery-exporter see them a few milliseconds later.
+``Consumer`` (selected with ``worker_consumer``) adds three things:
+
+- messages Celery cannot run (undecodable, not a task, an unknown task) are dead-lettered
+  by the pipeline, not acknowledged and lost or rejected unseen;
+- ``add_consumer`` only for the queues this worker was configured to serve;
+- task events in bunches: Celery publishes its buffer on the event loop's next turn,
+  i.e. up to three messages per request; here the buffer goes at most
+  ``EVENTS_FLUSH_S`` after its first event (or at Celery's own 24-event limit), so under
+  load one message carries many events.
 """
 
 from __future__ import annotations
@@ -20,18 +23,78 @@ import contextlib
 import logging
 import time
 
+from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.common import ignore_errors
 
-from proxymq.config import QUEUE_SUFFIX
-from workers import poison, runtime
+from workers.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 EVENTS_FLUSH_S = 0.05
 
 
+class ForwardStep(bootsteps.StartStopStep):
+    """Hosts the pipeline; started after Celery's task consumer, stopped before it."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c, **kwargs) -> None:
+        super().__init__(c, **kwargs)
+        c.pipeline = self.pipeline = Pipeline(c, c.controller.proxymq)
+
+    def start(self, c) -> None:
+        self.pipeline.open(c.connection)
+        # The task consumer's prefetch is -c; batches need more.
+        if self.pipeline.prefetch:
+            c.qos.increment_eventually(self.pipeline.prefetch)
+            c.qos.update()
+
+    def stop(self, c) -> None:
+        self._finish(c)
+
+    def shutdown(self, c) -> None:
+        self._finish(c)
+        c.controller.proxymq.health.stop()
+
+    def _finish(self, c) -> None:
+        """Warm shutdown or a lost connection: stop consuming, and settle what is in
+        flight while the connection lasts."""
+        if c.task_consumer is not None:
+            ignore_errors(c.connection, c.task_consumer.cancel)
+        self.pipeline.stop_taking()
+        if c.connection is not None and c.connection.connected:
+            timeout = max(s.downstream_timeout for s in self.pipeline.services.values())
+            self.pipeline.settle_outstanding(c.connection, timeout)
+        self.pipeline.close()
+
+
 class Consumer(CeleryConsumer):
     _events_flush_at = 0.0  # monotonic time of the scheduled flush; 0.0: none
+
+    # -- messages Celery cannot run ------------------------------------------------------
+
+    def on_decode_error(self, message, exc) -> None:
+        self.pipeline.reject(message, f"cannot be decoded: {exc}")
+
+    def on_unknown_message(self, body, message) -> None:
+        self.pipeline.reject(message, "not a Celery task message")
+
+    def on_unknown_task(self, body, message, exc) -> None:
+        self.pipeline.reject(message, f"unknown task: {exc}")
+
+    def on_invalid_task(self, body, message, exc) -> None:
+        self.pipeline.reject(message, f"invalid task message: {exc}")
+
+    def add_task_queue(self, queue, *args, **kwargs):
+        """Remote control's ``add_consumer``: only a queue this worker has a downstream
+        for (another would have its every message dead-lettered)."""
+        if queue not in self.pipeline.services:
+            log.warning("add_consumer %r refused: this worker does not serve it", queue)
+            return None
+        return super().add_task_queue(queue, *args, **kwargs)
+
+    # -- task events in bunches ------------------------------------------------------------
 
     def on_send_event_buffered(self) -> None:
         """Called in any thread when a task event is buffered: flush later, not now.
@@ -55,51 +118,20 @@ class Consumer(CeleryConsumer):
         # Cleared before flushing: an event buffered meanwhile either goes in this flush
         # or schedules the next one.
         self._events_flush_at = 0.0
-        self._flush_events()
+        self._flush_buffered_events()
+
+    def _flush_buffered_events(self) -> None:
+        if self.event_dispatcher is not None:
+            self.event_dispatcher.flush()
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):
-            self._flush_events()  # what is still waiting for its timer
+            self._flush_buffered_events()  # what is still waiting for its timer
         super().shutdown()
 
     def on_close(self) -> None:
         # A new connection gets a new event dispatcher, which keeps only what could not
         # be sent, not the bunch in progress: send it (or have it kept) first.
         with contextlib.suppress(Exception):
-            self._flush_events()
+            self._flush_buffered_events()
         super().on_close()
-
-    def on_decode_error(self, message, exc) -> None:
-        dead_letter_message(message, f"cannot be decoded: {exc}")
-
-    def on_unknown_message(self, body, message) -> None:
-        dead_letter_message(message, "not a Celery task message")
-
-    def on_unknown_task(self, body, message, exc) -> None:
-        dead_letter_message(message, f"unknown task: {exc}")
-
-    def on_invalid_task(self, body, message, exc) -> None:
-        dead_letter_message(message, f"invalid task message: {exc}")
-
-
-def dead_letter_message(message, reason: str) -> None:
-    queue = (message.delivery_info or {}).get("routing_key") or ""
-    service = queue.removesuffix(QUEUE_SUFFIX)
-    state = runtime.current()
-    properties = {
-        key: message.properties[key]
-        for key in ("correlation_id", "reply_to", "content_type", "content_encoding")
-        if message.properties.get(key)
-    }
-    try:
-        poison.dead_letter(
-            state.publisher, service, queue, message.body, message.headers or {}, properties, reason
-        )
-        reply_to, correlation_id = properties.get("reply_to"), properties.get("correlation_id")
-        if reply_to and correlation_id:
-            state.publisher.reply(reply_to, correlation_id, poison.poison_reply(1))
-    except Exception:
-        # Leave it unacknowledged: it comes back when this connection closes.
-        log.exception("could not dead-letter a message of %s", queue)
-        return
-    message.ack()

@@ -1,7 +1,15 @@
-"""Envelope -> HTTP call to the downstream -> reply envelope."""
+"""One downstream call: a delivery's request out over HTTP, the answer back as a reply.
+
+Single mode sends each request to the service's plain URL here; batch mode
+(``workers.batch_call``) sends many in one call. Both share the headers every call
+carries and the rule that a call cut off by the request's deadline is a 504 ``timeout``
+(the gateway gives up at that moment too), never a 502.
+"""
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 
 import requests
@@ -9,11 +17,16 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from proxymq.config import ServiceConfig
-from proxymq.envelope import ReplyEnvelope, RequestEnvelope
+from proxymq.envelope import ReplyEnvelope
 from proxymq.headers import end_to_end
+from workers.delivery import Delivery
+
+log = logging.getLogger(__name__)
 
 # Headers ProxyMQ sets on every downstream call; a client's own copies are replaced.
 OWN_HEADERS = ("x-correlation-id", "x-proxymq-delivery-count", "x-proxymq-deadline")
+TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)
+FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 def session(pool_size: int) -> requests.Session:
@@ -32,13 +45,12 @@ def session(pool_size: int) -> requests.Session:
     return http
 
 
-def downstream_headers(
-    request: RequestEnvelope, correlation_id: str, delivery_count: int
-) -> list[tuple[str, str]]:
+def downstream_headers(delivery: Delivery) -> list[tuple[str, str]]:
+    request = delivery.request
     headers = [(n, v) for n, v in request.headers if n.lower() not in OWN_HEADERS]
     headers += [
-        ("X-Correlation-ID", correlation_id),
-        ("X-ProxyMQ-Delivery-Count", str(delivery_count)),
+        ("X-Correlation-ID", delivery.correlation_id),
+        ("X-ProxyMQ-Delivery-Count", str(delivery.count)),
         ("X-ProxyMQ-Deadline", str(request.deadline)),
     ]
     return headers
@@ -48,41 +60,63 @@ def unavailable(message: str) -> ReplyEnvelope:
     return ReplyEnvelope(status=502, error="downstream-unavailable", message=message)
 
 
-def call(
-    http: requests.Session,
-    service: ServiceConfig,
-    request: RequestEnvelope,
-    correlation_id: str,
-    delivery_count: int,
-) -> ReplyEnvelope:
+def timed_out() -> ReplyEnvelope:
+    return ReplyEnvelope(
+        status=504, error="timeout", message="the request's deadline passed before its answer"
+    )
+
+
+def budget(service: ServiceConfig, deadline_ms: int) -> tuple[float, bool]:
+    """Seconds the call may take, and whether the deadline (not the service's own
+    ``downstream_timeout``) is what bounds it."""
+    left = deadline_ms / 1000 - time.time()
+    return min(service.downstream_timeout, left), left <= service.downstream_timeout
+
+
+def failure(exc: BaseException, deadline_bound: bool, what: str) -> ReplyEnvelope:
+    """The reply for a call that raised: 504 when the deadline cut it off, else 502.
+
+    The message names the failure only; where the call went (host, port, path, query)
+    is for the worker's log, not for the client.
+    """
+    log.warning("%s failed: %s: %s", what, type(exc).__name__, exc)
+    if deadline_bound and isinstance(exc, TIMEOUTS):
+        return timed_out()
+    if isinstance(exc, TIMEOUTS):
+        return unavailable("the downstream did not answer in time")
+    return unavailable(f"the downstream could not be reached ({type(exc).__name__})")
+
+
+def call(http: requests.Session, delivery: Delivery) -> ReplyEnvelope:
     """Call the downstream once; never raises for a downstream failure.
 
     The URL is set on the prepared request as is: requests would otherwise re-quote it
     and change the client's percent-encoding. The body is read raw (not decompressed),
     so it reaches the client byte for byte, as do the headers, in order and repeated.
     """
+    service, request = delivery.service, delivery.request
     url = service.downstream_url.rstrip("/") + request.path
     if request.query:
         url += "?" + request.query
-    budget = min(service.downstream_timeout, request.deadline / 1000 - time.time())
-    if budget <= 0:
-        return unavailable("the request's deadline passed before the call")
-    headers = dict(downstream_headers(request, correlation_id, delivery_count))
+    seconds, deadline_bound = budget(service, request.deadline)
+    if seconds <= 0:
+        return timed_out()
+    headers = dict(downstream_headers(delivery))
     try:
         prepared = requests.PreparedRequest()
         prepared.prepare(method=request.method, url=url, headers=headers, data=request.body)
         prepared.url = url
-        response = http.send(prepared, timeout=budget, allow_redirects=False, stream=True)
+        response = http.send(prepared, timeout=seconds, allow_redirects=False, stream=True)
         try:
             body = response.raw.read(decode_content=False)
-            headers = _raw_headers(response)
+            raw_headers = _raw_headers(response)
         finally:
             response.close()
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+    except FAILURES as exc:
         # urllib3's own errors escape requests when the body is read raw (a connection
         # closed or stalled mid-body).
-        return unavailable(f"{type(exc).__name__}: {exc}")
-    return ReplyEnvelope(status=response.status_code, headers=end_to_end(headers), body=body)
+        return failure(exc, deadline_bound, f"call {delivery.correlation_id} to {service.name}")
+    return ReplyEnvelope(status=response.status_code, headers=end_to_end(raw_headers), body=body)
 
 
 def _raw_headers(response: requests.Response) -> list[tuple[str, str]]:

@@ -3,8 +3,9 @@
 With ``health_url`` set, a thread polls it; while it does not answer 2xx the worker stops
 consuming that service's queue (through Celery's own ``cancel_consumer`` remote control,
 addressed to this worker, so the consumer thread makes the change itself) and resumes
-with ``add_consumer`` when it recovers. A request taken while unhealthy is rejected with
-requeue: it goes back to the queue, unanswered and unlost. At start, a gated service
+with ``add_consumer`` when it recovers. A request taken while unhealthy (it was
+prefetched before the switch) is published again with its count unchanged
+(``workers.admission``): back in the queue, unanswered and unlost. At start, a gated service
 counts as unhealthy until its first good answer.
 """
 
@@ -27,9 +28,6 @@ CHECK_TIMEOUT = 2.0
 class HealthGate:
     def __init__(self, services: dict[str, ServiceConfig]) -> None:
         self._gated = {name: s for name, s in services.items() if s.health_url}
-        # Batch-mode queues belong to the batching bootstep, which asks ``healthy()``
-        # itself; Celery's add_consumer would hand them back to the task consumer.
-        self._switched = {name for name, s in self._gated.items() if not s.batch_url}
         self._healthy = dict.fromkeys(self._gated, False)
         self._stop = threading.Event()
 
@@ -39,8 +37,8 @@ class HealthGate:
     def start(self, app: Celery, hostname: str) -> None:
         if not self._gated:
             return
-        for name in self._switched:  # consume nothing until the first good check
-            self._switch(app, hostname, self._gated[name], healthy=False)
+        for service in self._gated.values():  # consume nothing until the first good check
+            self._switch(app, hostname, service, healthy=False)
         threading.Thread(target=self._run, args=(app, hostname), daemon=True).start()
 
     def stop(self) -> None:
@@ -54,8 +52,7 @@ class HealthGate:
                 healthy = _check(http, service.health_url)
                 if healthy != self._healthy[name]:
                     self._healthy[name] = healthy
-                    if name in self._switched:
-                        self._switch(app, hostname, service, healthy)
+                    self._switch(app, hostname, service, healthy)
             self._stop.wait(INTERVAL)
 
     @staticmethod

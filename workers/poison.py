@@ -1,12 +1,11 @@
-"""Requests that must not loop forever: counting deliveries, and the dead-letter queue.
+"""The dead-letter step: a message no worker should try again goes to ``<queue>.dead``.
 
-A request that keeps killing workers is redelivered after each crash. Quorum queues count
-deliveries themselves (``x-delivery-count``); classic queues only flag a redelivery, so a
-worker that receives a redelivered message publishes it again with its count raised and
-acknowledges the original (publish first: nothing is lost if it dies in between). Past
-``max_deliveries`` the request goes to ``<service>_requests.dead``, with why, and its
-client gets 502 ``poison``. A message that cannot be decoded at all is dead-lettered at
-once: another delivery would not decode it either.
+Two kinds of message end here: a request delivered more than ``max_deliveries`` times
+(it keeps killing workers, or keeps failing to be answered), and anything on a request
+queue that is not a well-formed ProxyMQ request (another delivery would not make it
+one). The message is published to ``<queue>.dead`` as it came (body, headers and
+properties, without its expiry so it stays for inspection) with ``x-proxymq-dead-reason``,
+and the original is acknowledged once the broker holds the copy.
 
 Dead-lettering is done here rather than with the queue's ``x-dead-letter-exchange``
 because the broker would then also dead-letter every request whose deadline passed in
@@ -17,76 +16,40 @@ from __future__ import annotations
 
 import logging
 
-from kombu import Queue
+from kombu.message import Message
 
-from proxymq.envelope import (
-    DELIVERIES_HEADER,
-    SENT_HEADER,
-    ReplyEnvelope,
-    RequestEnvelope,
-    task_message,
-)
+from proxymq.confirms import Settled
+from proxymq.envelope import ReplyEnvelope
 from workers import metrics
-from workers.publisher import Publisher
+from workers.publisher import DEAD_SUFFIX, Publisher
 
 log = logging.getLogger(__name__)
 
-DEAD_SUFFIX = ".dead"
-
-
-def dead_queue(queue: str) -> Queue:
-    return Queue(queue + DEAD_SUFFIX, durable=True, no_declare=False)
-
-
-def delivery_count(headers: dict, redelivered: bool) -> int:
-    """This delivery's number, 1 for the first."""
-    if headers.get("x-delivery-count") is not None:  # quorum queue: earlier returns
-        return int(headers["x-delivery-count"]) + 1
-    return int(headers.get(DELIVERIES_HEADER) or 1) + (1 if redelivered else 0)
-
-
-def poison_reply(deliveries: int) -> ReplyEnvelope:
-    return ReplyEnvelope(
-        status=502,
-        error="poison",
-        message=f"the request was dead-lettered after {deliveries} deliveries",
-    )
-
-
-def publish_counted(
-    publisher: Publisher,
-    queue: str,
-    request: RequestEnvelope,
-    correlation_id: str,
-    reply_to: str | None,
-    deliveries: int,
-    sent: int | None,
-) -> None:
-    """Put the request back at the tail of its queue, carrying its delivery count."""
-    body, headers, properties = task_message(
-        request, correlation_id, reply_to, deliveries=deliveries, sent=sent
-    )
-    publisher.publish(queue, body, headers, properties)
+REASON_HEADER = "x-proxymq-dead-reason"
 
 
 def dead_letter(
-    publisher: Publisher,
-    service: str,
-    queue: str,
-    body: bytes,
-    headers: dict,
-    properties: dict,
-    reason: str,
+    publisher: Publisher, message: Message, service: str, reason: str, settled: Settled
 ) -> None:
-    """Move a message to ``<queue>.dead`` as it was, with the reason in a header."""
-    headers = {**headers, "x-proxymq-dead-reason": reason}
-    properties = {k: v for k, v in properties.items() if k != "expiration"}
+    queue = (message.delivery_info or {}).get("routing_key", "")
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    properties = {
+        key: value
+        for key, value in message.properties.items()
+        if key not in ("application_headers", "expiration")
+    }
     properties["delivery_mode"] = 2
-    publisher.publish(queue + DEAD_SUFFIX, body, headers, properties, declare=[dead_queue(queue)])
+    body = message.body if isinstance(message.body, bytes) else bytes(message.body)
+    publisher.publish(
+        queue + DEAD_SUFFIX, body, {**headers, REASON_HEADER: reason}, properties, settled
+    )
     metrics.dead_lettered_total.labels(service).inc()
-    log.warning("dead-lettered a request of %s to %s: %s", service, queue + DEAD_SUFFIX, reason)
+    log.warning("dead-lettered a message of %s to %s: %r", service, queue + DEAD_SUFFIX, reason)
 
 
-def sent_time(headers: dict) -> int | None:
-    value = headers.get(SENT_HEADER)
-    return int(value) if value else None
+def poison_reply(deliveries: int) -> ReplyEnvelope:
+    if deliveries <= 1:
+        message = "the request is malformed and was dead-lettered"
+    else:
+        message = f"the request was dead-lettered after {deliveries} deliveries"
+    return ReplyEnvelope(status=502, error="poison", message=message)

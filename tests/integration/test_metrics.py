@@ -42,10 +42,11 @@ def test_gateway_and_worker_count_every_request_across_processes(stack, downstre
     def worker_text() -> str:
         return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
 
-    # The worker gives up on the slow call at the request's deadline: a 502 of its own.
+    # The worker gives up on the slow call at the request's deadline: a 504, as the
+    # gateway's own (never a 502 for a deadline).
     downstream_total = "proxymq_worker_downstream_requests_total"
     wait_for(
-        lambda: sample(worker_text(), downstream_total, service=service, status="502") == 1,
+        lambda: sample(worker_text(), downstream_total, service=service, status="504") == 1,
         10,
         "the slow call to end at its deadline",
     )

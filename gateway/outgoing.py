@@ -1,0 +1,82 @@
+"""The message side of a request: the envelope built from the client's request,
+published with confirms, and the wait for its reply."""
+
+from __future__ import annotations
+
+import time
+
+import gevent
+
+from gateway import errors, incoming
+from gateway.broker import BrokerLink, BrokerUnavailable
+from proxymq.config import GatewayConfig, queue_name
+from proxymq.confirms import NACK, RETURNED
+from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply, task_message
+
+
+def envelope_of(
+    environ: dict,
+    service: str,
+    method: str,
+    path: str,
+    query: str,
+    headers: incoming.Headers,
+    wait: float,
+    config: GatewayConfig,
+    job: bool = False,
+    callback: str | None = None,
+) -> RequestEnvelope:
+    return RequestEnvelope(
+        service=service,
+        method=method,
+        path=path,
+        query=query,
+        headers=incoming.forwarded_headers(headers, environ),
+        body=incoming.read_body(environ, config.max_body_bytes),
+        deadline=int((time.time() + wait) * 1000),
+        job=job,
+        callback=callback,
+    )
+
+
+def exchange(
+    link: BrokerLink, envelope: RequestEnvelope, correlation_id: str, wait: float
+) -> ReplyEnvelope:
+    """Publish the request and wait for its reply, at most ``wait`` seconds in all."""
+    give_up = time.monotonic() + wait
+    waiter = link.replies.expect(correlation_id)
+    try:
+        publish(link, envelope, correlation_id, wait, link.reply_queue)
+        data = waiter.get(timeout=max(0.0, give_up - time.monotonic()))
+    except gevent.Timeout:
+        raise errors.timeout(wait) from None
+    except BrokerUnavailable as exc:
+        raise errors.broker_unavailable(str(exc)) from None
+    finally:
+        link.replies.forget(correlation_id)
+    try:
+        return decode_reply(data)
+    except ValueError:
+        raise errors.GatewayError(502, "bad-reply", "the worker's reply is malformed") from None
+
+
+def publish(
+    link: BrokerLink,
+    envelope: RequestEnvelope,
+    correlation_id: str,
+    wait: float,
+    reply_to: str | None,
+) -> None:
+    """Publish the request's message; an unroutable or refused one is the gateway's error.
+
+    Raises ``BrokerUnavailable`` and ``gevent.Timeout`` (no confirm in time) for the
+    caller to name, since a synchronous request and a job name them differently.
+    """
+    if reply_to is None and not envelope.job:
+        raise BrokerUnavailable("not connected to the broker")
+    body, headers, properties = task_message(envelope, correlation_id, reply_to)
+    outcome = link.publish(queue_name(envelope.service), body, headers, properties, wait)
+    if outcome == RETURNED:
+        raise errors.unknown_service(envelope.service)
+    if outcome == NACK:
+        raise errors.queue_full(envelope.service)

@@ -1,0 +1,298 @@
+"""One way through the worker, seen from outside: what reaches the dead-letter queue,
+the task events, node names, deadlines, Celery's remote control and ``-c``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import subprocess
+import threading
+import time
+import uuid
+
+import kombu
+import msgpack
+import pytest
+import requests
+from celery.events.event import get_exchange
+from stack import BIN, BROKER_URL, ROOT, base_env, consumers, free_port, unique_service, wait_for
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from proxymq.envelope import RequestEnvelope, decode_reply, task_body
+
+
+def _get_one(channel, queue: str, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while (message := channel.basic_get(queue, no_ack=True)) is None:
+        assert time.monotonic() < deadline, f"nothing arrived in {queue}"
+        time.sleep(0.05)
+    return message
+
+
+def _envelope(service: str, **changes) -> dict:
+    wire = RequestEnvelope(
+        service=service,
+        method="POST",
+        path="/echo",
+        query="",
+        headers=[],
+        body=b"x",
+        deadline=int((time.time() + 30) * 1000),
+    ).to_wire()
+    wire.update(changes)
+    return wire
+
+
+def _malformed(service: str) -> dict[str, tuple[bytes, dict, str]]:
+    """Messages on a request queue that are no ProxyMQ request: (body, extra, reason)."""
+    task = {"task": "proxymq.forward", "lang": "py"}
+    missing = _envelope(service)
+    del missing["deadline"]
+    return {
+        "undecodable": (b"\xc1\xc1 not msgpack", task, "not msgpack"),
+        "another task name": (task_body([_envelope(service)]), {"task": "other.task"}, "unknown"),
+        "arguments of another shape": (
+            msgpack.packb([["broken", "x"], {"bogus": "x"}, {}], use_bin_type=True),
+            task,
+            "one request envelope",
+        ),
+        "a field missing": (task_body([missing]), task, "lacks deadline"),
+        "a field of the wrong type": (
+            task_body([_envelope(service, body="text, not bytes")]),
+            task,
+            "malformed body",
+        ),
+        "another service's request": (
+            task_body([_envelope("someone_else")]),
+            task,
+            "a request for 'someone_else'",
+        ),
+        "no task header": (task_body([_envelope(service)]), {"lang": "py"}, "not a Celery task"),
+    }
+
+
+@pytest.fixture(scope="module")
+def poison_service(stack, downstream):
+    service = unique_service("malformed")
+    stack.worker(service, downstream.url)
+    return service
+
+
+@pytest.mark.parametrize("case", list(_malformed("x")))
+def test_a_malformed_message_is_dead_lettered_at_once_and_its_client_answered_poison(
+    poison_service, downstream, case
+):
+    body, headers, reason = _malformed(poison_service)[case]
+    correlation_id = f"bad-{uuid.uuid4().hex[:8]}"
+    with kombu.Connection(BROKER_URL) as connection:
+        channel = connection.channel()
+        reply_queue, _, _ = channel.queue_declare("", exclusive=True)
+        kombu.Producer(channel).publish(
+            body,
+            routing_key=f"{poison_service}_requests",
+            content_type="application/x-msgpack",
+            content_encoding="binary",
+            headers={**headers, "id": correlation_id},
+            correlation_id=correlation_id,
+            reply_to=reply_queue,
+        )
+        reply = _get_one(channel, reply_queue)
+        dead = _get_one(channel, f"{poison_service}_requests.dead")
+
+    answer = decode_reply(reply.body)
+    assert (answer.status, answer.error) == (502, "poison")
+    assert reply.properties["correlation_id"] == correlation_id
+    assert dead.body == body  # as it came
+    assert dead.properties["correlation_id"] == correlation_id
+    assert reason in dead.headers["x-proxymq-dead-reason"]
+    assert consumers(f"{poison_service}_requests") == 1  # the worker lives on
+    assert not downstream.requests_for(correlation_id)
+
+
+@pytest.mark.parametrize("mode", ["single", "batch"])
+def test_single_and_batch_requests_send_the_same_task_events(stack, mode):
+    service = unique_service(f"ev{mode}")
+    batch = BatchEcho()
+    env = {"PROXYMQ_BATCH_URL": batch.url + "/batch"} if mode == "batch" else {}
+    with kombu.Connection(BROKER_URL) as connection, batch:
+        channel = connection.channel()
+        events = kombu.Queue(
+            f"t_events_{uuid.uuid4().hex[:8]}",
+            get_exchange(connection),
+            routing_key="task.#",
+            exclusive=True,
+        )
+        events(channel).declare()
+        stack.worker(service, batch.url, **env)
+        gateway = stack.gateway()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = list(
+                pool.map(
+                    lambda i: requests.post(f"{gateway.url}/{service}/echo?n={i}", data=b"%d" % i),
+                    range(16),
+                )
+            )
+        ids = {r.headers["X-Correlation-ID"] for r in responses}
+        assert [r.status_code for r in responses] == [200] * 16
+
+        seen: dict[str, dict[str, dict]] = {}
+
+        def every_request_finished() -> bool:
+            while (message := events(channel).get(no_ack=True)) is not None:
+                body = json.loads(message.body)
+                for event in body if isinstance(body, list) else [body]:
+                    if event.get("uuid") in ids:
+                        seen.setdefault(event["uuid"], {})[event["type"]] = event
+            return len(seen) == 16 and all("task-succeeded" in e for e in seen.values())
+
+        wait_for(every_request_finished, 10, "task-succeeded for every request")
+
+    for events_of_one in seen.values():
+        assert set(events_of_one) == {"task-received", "task-started", "task-succeeded"}
+        received = events_of_one["task-received"]
+        assert received["name"] == "proxymq.forward"
+        assert received["args"] == f"POST /{service}/echo"  # never the body or query
+        assert events_of_one["task-succeeded"]["runtime"] >= 0
+    if mode == "batch":
+        assert batch.calls < 16  # they really went in batches
+
+
+def test_workers_started_without_a_node_name_run_side_by_side(stack, downstream):
+    first, second = unique_service("unnamed"), unique_service("unnamed")
+    one = stack.worker(first, downstream.url, named=False)
+    two = stack.worker(second, downstream.url, named=False)
+    gateway = stack.gateway()
+
+    for service in (first, second):
+        assert requests.post(f"{gateway.url}/{service}/echo", data=b"hi").status_code == 200
+    assert one.alive() and two.alive()
+    assert "RESOURCE_LOCKED" not in one.log() + two.log()
+
+
+def test_a_given_node_name_still_wins(stack, downstream):
+    service = unique_service("named")
+    node = f"mine-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    worker = stack.worker(service, downstream.url, "-n", node, named=False)
+    assert worker.alive()
+    assert _celery("inspect", "ping", "-d", node, timeout=15).returncode == 0
+
+
+def test_a_call_cut_off_by_its_deadline_is_504_timeout_never_502(stack, downstream):
+    service = unique_service("deadline")
+    stack.worker(service, downstream.url)
+    gateway = stack.gateway()
+
+    def slow(_):
+        return requests.post(
+            f"{gateway.url}/{service}/sleep/2", data=b"x", headers={"X-ProxyMQ-Timeout": "0.5"}
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(slow, range(24)))
+    codes = {(r.status_code, r.headers.get("X-ProxyMQ-Error")) for r in responses}
+    assert codes == {(504, "timeout")}
+
+
+def _celery(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "celery"), "-A", "workers", *args],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_celery_remote_control_reaches_the_worker(stack, downstream):
+    service = unique_service("control")
+    queue = f"{service}_requests"
+    node = f"ctl-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    worker = stack.worker(service, downstream.url, "-n", node, named=False)
+
+    ping = _celery("inspect", "ping", "-d", node, "--json")
+    assert ping.returncode == 0 and "pong" in ping.stdout
+    stats = _celery("inspect", "stats", "-d", node, "--json")
+    assert json.loads(stats.stdout)[node]["pool"]["max-concurrency"] == 64
+    active = _celery("inspect", "active_queues", "-d", node, "--json")
+    assert [q["name"] for q in json.loads(active.stdout)[node]] == [queue]
+
+    assert _celery("control", "cancel_consumer", queue, "-d", node).returncode == 0
+    wait_for(lambda: consumers(queue) == 0, 10, "the consumer cancelled")
+    assert _celery("control", "add_consumer", queue, "-d", node).returncode == 0
+    wait_for(lambda: consumers(queue) == 1, 10, "the consumer back")
+    gateway = stack.gateway()
+    assert requests.post(f"{gateway.url}/{service}/echo", data=b"hi").status_code == 200
+
+    _celery("control", "shutdown", "-d", node)  # a node shutting down sends no reply
+    worker.popen.wait(20)
+    assert consumers(queue) == 0
+
+
+def test_concurrency_flag_limits_downstream_calls_at_once(stack):
+    service = unique_service("limit")
+    with BatchEcho(delay=0.3) as slow:
+        stack.worker(service, slow.url, "-c", "2")
+        gateway = stack.gateway()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = list(
+                pool.map(
+                    lambda i: requests.post(f"{gateway.url}/{service}/echo", data=b"x"), range(8)
+                )
+            )
+    assert [r.status_code for r in responses] == [200] * 8
+    assert slow.most_at_once == 2
+
+
+class BatchEcho:
+    """A downstream that echoes single calls and answers SPEC batch calls, counting calls
+    and how many were in progress at once."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.calls = 0
+        self.most_at_once = 0
+        self._now = 0
+        self._lock = threading.Lock()
+        self.port = free_port()
+        self.server = make_server("127.0.0.1", self.port, self._app, threaded=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> BatchEcho:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+
+    def _app(self, environ, start_response):
+        request = Request(environ)
+        with self._lock:
+            self.calls += 1
+            self._now += 1
+            self.most_at_once = max(self.most_at_once, self._now)
+        try:
+            time.sleep(self.delay)
+            if request.path == "/batch":
+                items = json.loads(request.get_data())
+                answer = [
+                    {
+                        "correlation_id": i["correlation_id"],
+                        "status": 200,
+                        "headers": {},
+                        "body": i["body"],
+                    }
+                    for i in items
+                ]
+                return Response(json.dumps(answer), mimetype="application/json")(
+                    environ, start_response
+                )
+            return Response(request.get_data())(environ, start_response)
+        finally:
+            with self._lock:
+                self._now -= 1

@@ -1,0 +1,319 @@
+"""A worker's one way through: delivery -> admission -> batch -> call -> answer -> ack.
+
+Single and batch mode are the same path: a single request is a batch of one sent to the
+plain downstream URL (``workers.batching`` decides what goes together). Threads:
+
+- the **consumer thread** (Celery's event loop) owns the connection: it takes each
+  message (``receive``), admits it, forms batches, publishes answers, requests published
+  again and dead letters (``workers.publisher``), and acknowledges each message when the
+  broker has confirmed what answered it;
+- **pool threads** (Celery's pool, ``-c`` of them) make the downstream calls and a job's
+  result-store writes, then hand the outcome back (``Consumer.call_soon``).
+
+Everything the consumer thread does goes through one queue of work run by ``_drive``,
+never re-entered: py-amqp's basic_publish reads incoming frames first, so a delivery or
+a confirm can arrive in the middle of a publish, and a publish made from there would be
+numbered out of order for the confirm tracker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from kombu.message import Message
+
+from proxymq.config import QUEUE_SUFFIX, ServiceConfig
+from proxymq.confirms import ACK, NACK, RETURNED
+from proxymq.envelope import ReplyEnvelope, recounted
+from workers import answering, batch_call, forwarding, metrics, poison
+from workers.admission import Verdict, admit
+from workers.batching import Batcher
+from workers.delivery import Delivery, Malformed, take
+from workers.events import TaskEvents
+from workers.publisher import Publisher
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# What a pool thread says of each delivery it handled.
+PUBLISH = "publish"  # reply to the client's reply queue, ack once confirmed
+ACKNOWLEDGE = "ack"  # answered elsewhere (a job), or a cancelled job: ack now
+REQUEUE = "requeue"  # could not be answered: back to the queue
+
+Outcome = tuple[Delivery, ReplyEnvelope | None, str]
+
+
+class Pipeline:
+    def __init__(self, consumer, runtime: Runtime) -> None:
+        """``consumer``: Celery's consumer (its pool, timer, ``call_soon``, dispatcher)."""
+        self._consumer = consumer
+        self._runtime = runtime
+        self.services = {s.queue: s for s in runtime.config.services.values()}
+        self._batchers = {
+            s.queue: Batcher(
+                s,
+                s.batch_concurrency if s.batch_url else runtime.concurrency,
+                consumer.timer.call_after,
+                functools.partial(self._start_call, s),
+            )
+            for s in self.services.values()
+        }
+        self.events = TaskEvents(consumer)
+        self._publisher: Publisher | None = None
+        self._work: deque[Callable[[], None]] = deque()
+        self._driving = False
+        self._done: deque[tuple[ServiceConfig, list[Outcome], float]] = deque()
+        self._taking = False
+
+    @property
+    def prefetch(self) -> int:
+        """Unacknowledged messages the batch services need beyond Celery's prefetch
+        (``-c``): a full batch in each call, one being answered, one accumulating."""
+        return sum(
+            s.batch_size * (s.batch_concurrency + 2) for s in self.services.values() if s.batch_url
+        )
+
+    @property
+    def busy(self) -> bool:
+        """Calls in flight, outcomes not handled yet, or publishes not confirmed."""
+        in_flight = any(b.in_flight for b in self._batchers.values())
+        return in_flight or bool(self._done) or bool(self._publisher and len(self._publisher))
+
+    # -- connection lifecycle (consumer thread) -------------------------------------------
+
+    def open(self, connection) -> None:
+        """Start publishing on ``connection`` (after every connect; before consuming)."""
+        self._publisher = Publisher(connection)
+        self._publisher.declare_dead_queues(self.services)
+        for batcher in self._batchers.values():
+            batcher.attach(connection.connection.sock)
+        self._taking = True
+
+    def stop_taking(self) -> None:
+        """Consuming stopped: no new message is taken, and those waiting for a call are
+        let go (unacknowledged, they come back from the broker when the channel closes).
+        Calls in flight still answer."""
+        self._taking = False
+        for batcher in self._batchers.values():
+            batcher.drop_waiting()
+
+    def close(self) -> None:
+        """The channel is going: what is unconfirmed now is the broker's to redeliver."""
+        self.stop_taking()
+        if self._publisher is not None:
+            self._publisher.close()
+
+    def settle_outstanding(self, connection, timeout: float) -> None:
+        """Warm shutdown, with consuming stopped: let the calls in flight finish, publish
+        their answers and acknowledge their messages, for at most ``timeout`` seconds."""
+        give_up = time.monotonic() + timeout
+        while self.busy and time.monotonic() < give_up:
+            self._run(self._finish_calls)
+            try:
+                connection.drain_events(timeout=0.05)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # the connection is gone: the broker redelivers
+                log.warning("could not settle the requests in flight: %r", exc)
+                return
+
+    # -- taking messages (consumer thread) -------------------------------------------------
+
+    def receive(self, message: Message) -> None:
+        """Celery's task consumer hands every ``proxymq.forward`` message here."""
+        self._run(functools.partial(self._take, message))
+
+    def reject(self, message: Message, reason: str) -> None:
+        """A message that is no task at all (undecodable, another task name)."""
+        self._run(functools.partial(self._dead_letter_malformed, message, reason))
+
+    def _run(self, work: Callable[[], None]) -> None:
+        self._work.append(work)
+        self._drive()
+
+    def _drive(self) -> None:
+        if self._driving:
+            return  # re-entered from inside a publish: the outer loop runs it next
+        self._driving = True
+        try:
+            while self._work:
+                work = self._work.popleft()
+                try:
+                    work()
+                except Exception:
+                    # Unacknowledged, the message comes back when the channel closes.
+                    log.exception("a worker step failed")
+        finally:
+            self._driving = False
+
+    def _take(self, message: Message) -> None:
+        if not self._taking:
+            return  # shutting down or reconnecting: it goes back to the queue
+        try:
+            delivery = take(message, self.services)
+        except Malformed as exc:
+            self._dead_letter_malformed(message, str(exc))
+            return
+        service = delivery.service
+        self.events.received(delivery)
+        if delivery.count == 1 and delivery.sent:
+            wait = max(0.0, time.time() * 1000 - delivery.sent) / 1000
+            metrics.queue_wait.labels(service.name).observe(wait)
+        verdict = admit(
+            delivery,
+            healthy=self._runtime.health.healthy(service.name),
+            has_result_store=self._runtime.jobs is not None,
+        )
+        if verdict is Verdict.CALL:
+            self._batchers[service.queue].add(delivery)
+        elif verdict is Verdict.EXPIRED:
+            metrics.expired_total.labels(service.name).inc()
+            self.events.expired(delivery)
+            _ack(message)
+        elif verdict is Verdict.AGAIN:
+            headers, properties = recounted(
+                message.headers, _properties(message), delivery.count, delivery.request.deadline
+            )
+            self._publisher.publish(
+                service.queue, message.body, headers, properties, self._settler(message)
+            )
+        else:
+            reason = f"{delivery.count - 1} deliveries, PROXYMQ_MAX_DELIVERIES is "
+            reason += str(service.max_deliveries)
+            poison.dead_letter(
+                self._publisher, message, service.name, reason, self._settler(message)
+            )
+            self._answer(delivery, poison.poison_reply(delivery.count - 1), settle=False)
+
+    def _dead_letter_malformed(self, message: Message, reason: str) -> None:
+        if not self._taking:
+            return
+        queue = (message.delivery_info or {}).get("routing_key", "")
+        service = queue.removesuffix(QUEUE_SUFFIX)
+        poison.dead_letter(self._publisher, message, service, reason, self._settler(message))
+        properties = message.properties or {}
+        reply_to, correlation_id = properties.get("reply_to"), properties.get("correlation_id")
+        if isinstance(reply_to, str) and isinstance(correlation_id, str) and reply_to:
+            self._publisher.reply(reply_to, correlation_id, poison.poison_reply(1), _ignore)
+
+    # -- calls (a pool thread) -------------------------------------------------------------
+
+    def _start_call(self, service: ServiceConfig, batch: list[Delivery]) -> None:
+        """From the batcher, in the consumer thread: hand the call to the pool."""
+        now = time.monotonic()
+        for delivery in batch:
+            delivery.started = now
+            self.events.started(delivery)
+        if service.batch_url:
+            metrics.batch_wait.labels(service.name).observe(now - batch[0].taken)
+            metrics.batch_size.labels(service.name).observe(len(batch))
+        self._consumer.pool.apply_async(self._call, args=(service, batch), callback=_ignore)
+
+    def _call(self, service: ServiceConfig, batch: list[Delivery]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = self._call_and_store(service, batch)
+        except Exception as exc:  # a bug must not lose the batch's answers
+            log.exception("a call of %s failed", service.name)
+            reply = forwarding.unavailable(f"the worker failed: {type(exc).__name__}")
+            outcomes = [(d, reply, PUBLISH if d.answers_a_client else REQUEUE) for d in batch]
+        self._done.append((service, outcomes, time.perf_counter() - started))
+        self._consumer.call_soon(self._run, self._finish_calls)
+
+    def _call_and_store(self, service: ServiceConfig, batch: list[Delivery]) -> list[Outcome]:
+        runtime = self._runtime
+        skipped = [d for d in batch if d.request.job and not answering.start_job(runtime, d)]
+        live = [d for d in batch if d not in skipped]
+        replies: dict[str, ReplyEnvelope] = {}
+        if live:
+            call_started = time.perf_counter()
+            if service.batch_url:
+                replies = batch_call.call(runtime.http, live)
+            else:
+                replies = {d.correlation_id: forwarding.call(runtime.http, d) for d in live}
+            metrics.downstream_duration.labels(service.name).observe(
+                time.perf_counter() - call_started
+            )
+        outcomes: list[Outcome] = [(d, None, ACKNOWLEDGE) for d in skipped]
+        for delivery in live:
+            reply = replies[delivery.correlation_id]
+            metrics.downstream_requests_total.labels(service.name, str(reply.status)).inc()
+            outcomes.append((delivery, reply, self._store(delivery, reply)))
+        return outcomes
+
+    def _store(self, delivery: Delivery, reply: ReplyEnvelope) -> str:
+        if not delivery.request.job:
+            return PUBLISH if delivery.reply_to else ACKNOWLEDGE
+        try:
+            answering.finish_job(self._runtime, delivery, reply)
+        except Exception:
+            log.exception(
+                "could not store job %s; returning it to the queue", delivery.correlation_id
+            )
+            return REQUEUE
+        return ACKNOWLEDGE
+
+    # -- answers (consumer thread) ---------------------------------------------------------
+
+    def _finish_calls(self) -> None:
+        while self._done:
+            service, outcomes, seconds = self._done.popleft()
+            for delivery, reply, action in outcomes:
+                if reply is not None:
+                    self.events.answered(delivery, reply)
+                if action == PUBLISH:
+                    self._answer(delivery, reply)
+                elif action == REQUEUE:
+                    _requeue(delivery.message)
+                else:
+                    _ack(delivery.message)
+            self._batchers[service.queue].call_done(seconds)
+
+    def _answer(self, delivery: Delivery, reply: ReplyEnvelope, settle: bool = True) -> None:
+        """Publish ``reply`` to the client's reply queue (a job's poison goes to the pool,
+        for the result store); with ``settle``, acknowledge the message once confirmed."""
+        settled = self._settler(delivery.message) if settle else _ignore
+        if delivery.answers_a_client:
+            self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, settled)
+        elif delivery.request.job and self._runtime.jobs is not None:
+            self._consumer.pool.apply_async(self._store, args=(delivery, reply), callback=_ignore)
+        elif settle:
+            _ack(delivery.message)
+
+    def _settler(self, message: Message) -> Callable[[str], None]:
+        """What to do with ``message`` once the broker answers for what replaced it."""
+
+        def settled(outcome: str) -> None:
+            if outcome in (ACK, RETURNED):
+                _ack(message)
+            elif outcome == NACK:
+                _requeue(message)
+            # LOST: the connection is gone, and with it the message's delivery.
+
+        return settled
+
+
+def _properties(message: Message) -> dict:
+    return {k: v for k, v in message.properties.items() if k != "application_headers"}
+
+
+def _ack(message: Message) -> None:
+    try:
+        message.ack()
+    except Exception as exc:  # its channel is gone: the broker redelivers it
+        log.debug("could not acknowledge a message: %r", exc)
+
+
+def _requeue(message: Message) -> None:
+    try:
+        message.reject(requeue=True)
+    except Exception as exc:
+        log.debug("could not requeue a message: %r", exc)
+
+
+def _ignore(*_) -> None:
+    pass
