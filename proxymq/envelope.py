@@ -156,18 +156,16 @@ def task_message(
     """
     now = int(time.time() * 1000)
     expires = datetime.fromtimestamp(request.deadline / 1000, tz=UTC).isoformat()
+    # Celery's protocol-2 headers that say something; those it reads with a default
+    # (group, eta, retries, timelimit, ignore_result) are left out: every header is
+    # encoded by the gateway and decoded by the worker on every request.
     headers = {
         "lang": "py",
         "task": TASK_NAME,
         "id": correlation_id,
         "root_id": correlation_id,
         "parent_id": None,
-        "group": None,
-        "eta": None,
         "expires": expires,
-        "retries": 0,
-        "timelimit": [None, None],
-        "ignore_result": True,
         "argsrepr": f"{request.method} /{request.service}{request.path}",
         "kwargsrepr": "{}",
         "origin": _ORIGIN,

@@ -1,7 +1,7 @@
 """Whether a delivery may call its downstream: one rule for single and batch mode.
 
 A pure decision on what the delivery and the worker's state say; ``workers.pipeline``
-carries it out. Whether a job was cancelled is asked later, in the pool thread, just
+carries it out. Whether a job was cancelled is asked later, in the call thread, just
 before its call (``workers.answering.start_job``): it needs the result store, and a
 round trip to Redis must not stall the consumer thread that every request goes through.
 """

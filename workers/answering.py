@@ -1,9 +1,9 @@
-"""A job's side of answering: the result store and the callback, in a pool thread.
+"""A job's side of answering: the result store and the callback, in a call thread.
 
 A synchronous request's answer goes to its gateway's reply queue, published from the
 consumer thread (``workers.pipeline``). A job's goes to the result store, and its
 callback is POSTed; both are network calls that must not stall the consumer thread, so
-they run here, in the pool thread that made the downstream call.
+they run here, in the call thread that made the downstream call.
 """
 
 from __future__ import annotations

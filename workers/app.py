@@ -1,12 +1,12 @@
 """The workers' Celery app: settings, service queues, and start-up validation.
 
-Defaults an I/O proxy needs, unlike Celery's: a thread pool of 64 (Celery's default is a
-prefork pool of one process per core, i.e. 2 calls at once here). Threads need no
-monkey-patching, so the plain ``celery -A workers worker`` runs calls concurrently;
-``-c`` sets how many downstream calls run at once. The pool must be threads: the
-consumer thread owns the broker connection and pool threads hand their outcomes back to
-it (``workers.pipeline``), which needs Celery's event loop (prefork, gevent, eventlet
-and solo run without it, or cannot share the pipeline's objects).
+Defaults an I/O proxy needs, unlike Celery's: 64 downstream calls at once (Celery's
+default is a prefork pool of one process per core, i.e. 2 calls at once here), in
+threads, which need no monkey-patching, so the plain ``celery -A workers worker`` runs
+calls concurrently; ``-c`` sets how many. The pool must be threads: the consumer thread
+owns the broker connection and the call threads hand their outcomes back to it
+(``workers.pipeline``) through Celery's event loop, which the gevent, eventlet and solo
+pools run without, and prefork would fork processes that nothing uses.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
         queues = [q for q in queues.split(",") if q]
     try:
         config = WorkerConfig.from_env(os.environ, queues or None)
-        _check_pool(options.get("pool_cls") or conf.worker_pool)
+        _check_pool(options.get("pool") or conf.worker_pool)
     except ConfigError as error:
         _stop(error)
     conf.task_queues = [service_queue(service) for service in config.services.values()]

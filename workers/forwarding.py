@@ -8,9 +8,13 @@ carries and the rule that a call cut off by the request's deadline is a 504 ``ti
 
 from __future__ import annotations
 
+import http.client
 import logging
+import select
 import socket
+import threading
 import time
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 import urllib3
@@ -26,11 +30,16 @@ log = logging.getLogger(__name__)
 # Headers ProxyMQ sets on every downstream call; a client's own copies are replaced.
 OWN_HEADERS = ("x-correlation-id", "x-proxymq-delivery-count", "x-proxymq-deadline")
 TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)
-FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+FAILURES = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
 
 
 def session(pool_size: int) -> requests.Session:
-    """A pooled session that adds nothing to the client's request.
+    """A pooled session for batch calls, adding nothing of its own to the request.
 
     ``trust_env`` is off: proxy variables and ``.netrc`` are not the client's, and looking
     them up costs time on every call. The session's default headers (User-Agent,
@@ -87,41 +96,86 @@ def failure(exc: BaseException, deadline_bound: bool, what: str) -> ReplyEnvelop
     return unavailable(f"the downstream could not be reached ({type(exc).__name__})")
 
 
-def call(http: requests.Session, delivery: Delivery) -> ReplyEnvelope:
+class Connections:
+    """Keep-alive connections to downstreams: one per call thread and host, so no lock.
+
+    Single calls go out through the standard library's ``http.client`` (what urllib3
+    and requests are built on) rather than through requests: urllib3 re-encodes every
+    request target (``%2e`` becomes ``%2E``, and one invalid escape makes it encode
+    every ``%`` again), while the client's path and query must reach the downstream
+    byte for byte. It also costs a third of what a call through requests costs.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, base: SplitResult, timeout: float) -> http.client.HTTPConnection:
+        pool = self._local.__dict__.setdefault("connections", {})
+        key = (base.scheme, base.netloc)
+        connection = pool.get(key)
+        if connection is not None and _dropped(connection):
+            connection.close()
+            connection = None
+        if connection is None:
+            kind = (
+                http.client.HTTPSConnection
+                if base.scheme == "https"
+                else http.client.HTTPConnection
+            )
+            connection = pool[key] = kind(base.hostname, base.port, timeout=timeout)
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        return connection
+
+    def discard(self, base: SplitResult) -> None:
+        pool = self._local.__dict__.get("connections", {})
+        connection = pool.pop((base.scheme, base.netloc), None)
+        if connection is not None:
+            connection.close()
+
+
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection the downstream closed reads as ready (EOF)."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def call(connections: Connections, delivery: Delivery) -> ReplyEnvelope:
     """Call the downstream once; never raises for a downstream failure.
 
-    The URL is set on the prepared request as is: requests would otherwise re-quote it
-    and change the client's percent-encoding. The body is read raw (not decompressed),
-    so it reaches the client byte for byte, as do the headers, in order and repeated.
+    The target is the downstream URL's path plus the client's path and query, exactly
+    as sent. The body is read raw (not decompressed), so it reaches the client byte for
+    byte, as do the headers, in order and repeated.
     """
     service, request = delivery.service, delivery.request
-    url = service.downstream_url.rstrip("/") + request.path
+    base = urlsplit(service.downstream_url)
+    target = base.path.rstrip("/") + request.path
     if request.query:
-        url += "?" + request.query
+        target += "?" + request.query
     seconds, deadline_bound = budget(service, request.deadline)
     if seconds <= 0:
         return timed_out()
-    headers = dict(downstream_headers(delivery))
     try:
-        prepared = requests.PreparedRequest()
-        prepared.prepare(method=request.method, url=url, headers=headers, data=request.body)
-        prepared.url = url
-        response = http.send(prepared, timeout=seconds, allow_redirects=False, stream=True)
-        try:
-            body = response.raw.read(decode_content=False)
-            raw_headers = _raw_headers(response)
-        finally:
-            response.close()
-    except FAILURES as exc:
-        # urllib3's own errors escape requests when the body is read raw (a connection
-        # closed or stalled mid-body).
+        connection = connections.get(base, seconds)
+        connection.putrequest(request.method, target, skip_accept_encoding=True)
+        for name, value in downstream_headers(delivery):
+            if name.lower() != "content-length":  # the body's own length, set below
+                connection.putheader(name, value)
+        if request.body or request.method in ("POST", "PUT", "PATCH"):
+            connection.putheader("Content-Length", str(len(request.body)))
+        connection.endheaders(request.body or None)
+        response = connection.getresponse()
+        body = response.read()
+        headers = response.getheaders()
+        if response.will_close:
+            connections.discard(base)
+    except (http.client.HTTPException, OSError) as exc:
+        connections.discard(base)
         return failure(exc, deadline_bound, f"call {delivery.correlation_id} to {service.name}")
-    return ReplyEnvelope(status=response.status_code, headers=end_to_end(raw_headers), body=body)
-
-
-def _raw_headers(response: requests.Response) -> list[tuple[str, str]]:
-    """The response headers as sent: requests merges repeated ones into one comma list."""
-    original = getattr(response.raw, "_original_response", None)
-    if original is not None:
-        return list(original.getheaders())
-    return list(response.raw.headers.items())
+    return ReplyEnvelope(status=response.status, headers=end_to_end(headers), body=body)

@@ -72,6 +72,7 @@ class HealthGate:
 
 def _check(http: requests.Session, url: str) -> bool:
     try:
-        return http.get(url, timeout=CHECK_TIMEOUT).ok
+        response = http.get(url, timeout=CHECK_TIMEOUT, allow_redirects=False)
+        return 200 <= response.status_code < 300
     except requests.RequestException:
         return False

@@ -22,7 +22,8 @@ from workers.health import HealthGate
 class Runtime:
     config: WorkerConfig
     concurrency: int  # downstream calls at once: Celery's -c
-    http: requests.Session
+    http: requests.Session  # batch calls
+    connections: forwarding.Connections  # single calls
     health: HealthGate
     jobs: JobStore | None
     callbacks: CallbackSender
@@ -33,6 +34,7 @@ class Runtime:
             config=config,
             concurrency=concurrency,
             http=forwarding.session(concurrency),
+            connections=forwarding.Connections(),
             health=HealthGate(config.services),
             jobs=JobStore(config.result_url, config.job_ttl) if config.result_url else None,
             callbacks=CallbackSender(config.callback_secret, config.callback_allow_private),

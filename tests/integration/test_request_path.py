@@ -88,8 +88,16 @@ def raw_get(gateway, target: str) -> http.client.HTTPResponse:
     return connection.getresponse()
 
 
-def test_query_and_path_reach_the_downstream_byte_for_byte(gateway, service):
-    target = "/a%2Fb/caf%C3%A9/%41?x=1&x=2&name=J%C3%BCrgen&empty=&plus=a+b&pct=%2F&%7E"
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/a%2Fb/caf%C3%A9/%41?x=1&x=2&name=J%C3%BCrgen&empty=&plus=a+b&pct=%2F&%7E",
+        # lower-case escapes stay lower case; an invalid escape re-encodes nothing
+        "/x%2ey/%zz/ok%2F?a=%2e%7e&c=%zz",
+        "/p?back=%5c&raw=a\\b",
+    ],
+)
+def test_query_and_path_reach_the_downstream_byte_for_byte(gateway, service, target):
     response = raw_get(gateway, f"/{service}{target}")
     assert response.status == 200
     assert response.getheader("X-Echo-Uri") == target

@@ -59,6 +59,16 @@ def test_worker_with_bad_setting_exits_with_one_line(env, variable):
     assert lines[0].startswith(f"Error: {variable}: ")
 
 
+@pytest.mark.parametrize("pool", ["solo", "gevent"])
+def test_worker_on_another_pool_than_threads_exits_with_one_line(pool):
+    args = ["celery", "-A", "workers", "worker", "-Q", "svc_requests", "-P", pool]
+    result = run(args, PROXYMQ_DOWNSTREAM_URL="http://x")
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).strip().splitlines() if line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: -P: ProxyMQ workers run on the threads pool")
+
+
 def test_healthz_and_readyz_answer_200_when_connected(stack):
     gateway = stack.gateway()
     assert requests.get(gateway.url + "/healthz").status_code == 200
