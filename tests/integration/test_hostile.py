@@ -1,0 +1,136 @@
+"""Hostile clients and downstreams, performed for real against a running gateway and
+worker: what the client, the downstream and the logs see (issue: hostile input)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import requests
+from stack import free_port, unique_service
+
+
+@pytest.fixture(scope="module")
+def gateway(stack, service, downstream):
+    stack.worker(service, downstream.url)
+    return stack.gateway()
+
+
+def raw_exchange(gateway, data: bytes) -> bytes:
+    """Send ``data`` as is on a fresh connection; everything the gateway answers."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "disguise",
+    [
+        lambda name: f"%{ord(name[0]):02x}{name[1:]}",  # an escaped first letter
+        lambda name: f"{name}%2Fadmin",
+        lambda name: f"{name}%2fadmin",
+    ],
+    ids=["escaped-first-letter", "escaped-slash", "lower-case-escaped-slash"],
+)
+def test_the_service_is_the_first_segment_as_sent_never_decoded(gateway, service, disguise):
+    answer = raw_exchange(
+        gateway, f"GET /{disguise(service)}/x HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    )
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 404")
+    assert b"X-ProxyMQ-Error: unknown-service" in head
+
+
+def test_the_downstream_sees_forwarded_headers_and_none_of_the_gateways_own(
+    gateway, service, downstream
+):
+    response = requests.post(
+        f"{gateway.url}/{service}/h",
+        data=b"x",
+        headers={
+            "X-Forwarded-For": "203.0.113.9",
+            "X-ProxyMQ-Signature": "forged",
+            "X-ProxyMQ-Timeout": "30",
+            "Host": "api.example",
+        },
+    )
+    (seen,) = downstream.requests_for(response.headers["X-Correlation-ID"])
+    names = {name.lower(): value for name, value in seen.headers}
+    assert names["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert names["x-forwarded-proto"] == "http"
+    assert names["x-forwarded-host"] == "api.example"
+    assert "x-proxymq-signature" not in names
+    assert "x-proxymq-timeout" not in names
+
+
+def test_a_malformed_chunked_body_is_400_not_500(gateway, service):
+    request = (
+        f"POST /{service}/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "zz\r\nnot a chunk size\r\n0\r\n\r\n"
+    ).encode()
+    head = raw_exchange(gateway, request).split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"X-ProxyMQ-Error: bad-request" in head
+
+
+class LyingDownstream:
+    """A raw-socket downstream whose answer's framing disagrees with itself:
+    ``Transfer-Encoding: chunked`` and a ``Content-Length`` larger than the body."""
+
+    BODY = b"y" * 86
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 120\r\nTransfer-Encoding: chunked\r\n"
+                    b"Connection: close\r\n\r\n"
+                    + b"%x\r\n" % len(self.BODY)
+                    + self.BODY
+                    + b"\r\n0\r\n\r\n"
+                )
+
+
+def test_an_answer_whose_framing_disagrees_reaches_the_client_with_its_real_length(stack):
+    service = unique_service("framing")
+    lying = LyingDownstream()
+    stack.worker(service, f"http://127.0.0.1:{lying.port}")
+    gateway = stack.gateway()
+    # Two requests on one keep-alive connection: the second answer must not be
+    # swallowed into the first one's body.
+    request = f"GET /{service}/x HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    answer = raw_exchange(gateway, request + request)
+    first_head, rest = answer.split(b"\r\n\r\n", 1)
+    assert b"Content-Length: 86" in first_head
+    assert b"Transfer-Encoding" not in first_head
+    assert rest[:86] == LyingDownstream.BODY
+    assert rest[86:].startswith(b"HTTP/1.1 200")
+
+
+def test_an_unreachable_downstream_is_named_without_its_address(stack):
+    service = unique_service("secret")
+    port = free_port()  # nothing listens there
+    stack.worker(service, f"http://127.0.0.1:{port}/internal-base")
+    gateway = stack.gateway()
+    response = requests.get(f"{gateway.url}/{service}/secret/path?token=abc")
+    assert response.status_code == 502
+    assert response.headers["X-ProxyMQ-Error"] == "downstream-unavailable"
+    text = response.text
+    for leak in ("127.0.0.1", str(port), "internal-base", "secret/path", "token"):
+        assert leak not in text
