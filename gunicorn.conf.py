@@ -21,6 +21,43 @@ def _stop(error: Exception) -> None:
 
 
 worker_class = "gevent"
+
+
+def _gateway_worker():
+    """gunicorn's gevent worker, answering its own header-limit refusals as the gateway
+    answers every error of its own: 431 with ``X-ProxyMQ-Error: headers-too-large`` and
+    the JSON body. Defined here, not in ``gateway/``: importing that package builds the
+    app, which must not happen in the master."""
+    import contextlib
+    import json
+
+    from gunicorn.http.errors import LimitRequestHeaders
+    from gunicorn.workers.ggevent import GeventWorker
+
+    class GatewayWorker(GeventWorker):
+        def handle_error(self, req, client, addr, exc):
+            if not isinstance(exc, LimitRequestHeaders):
+                return super().handle_error(req, client, addr, exc)
+            self.log.warning("request headers over the limit from %s: %s", addr[0], exc)
+            body = json.dumps(
+                {
+                    "error": "headers-too-large",
+                    "message": "request headers over the limit",
+                    "correlation_id": None,
+                }
+            ).encode()
+            head = (
+                "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                "X-ProxyMQ-Error: headers-too-large\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):  # a client that has gone is told nothing
+                client.sendall(head.encode() + body)
+
+    return GatewayWorker
+
 worker_connections = 2000
 # Idle keep-alive connections hold a graceful shutdown until they time out, so short.
 keepalive = 5
@@ -44,10 +81,14 @@ else:
     except ConfigError as error:
         _stop(error)
     bind = [_config.bind]
-    # Header limits are the gateway's to enforce (431 with its JSON error); gunicorn's own
-    # per-line limit is a backstop far above it, against unbounded reads.
-    limit_request_field_size = 4 * _config.max_header_bytes
-    limit_request_fields = 1000
+    # gunicorn's parser rescans its whole buffer on every read: the cost of a header block
+    # grows with the square of its size, and while one flood is parsed every other
+    # connection of the process waits. Its own limits bound the block it will scan to
+    # fields x field size (here at most 100 x 8 KiB); the gateway's total limit,
+    # PROXYMQ_MAX_HEADER_BYTES (431 with its JSON error), applies within that.
+    limit_request_field_size = min(_config.max_header_bytes, 8190)
+    limit_request_fields = 100
+    worker_class = _gateway_worker()
     # A SIGTERMed worker answers the requests it holds before it exits.
     graceful_timeout = int(_config.reply_timeout) + 5
     # Metrics of all worker processes meet in one directory (prometheus_client's

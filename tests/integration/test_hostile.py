@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -134,3 +135,34 @@ def test_an_unreachable_downstream_is_named_without_its_address(stack):
     text = response.text
     for leak in ("127.0.0.1", str(port), "internal-base", "secret/path", "token"):
         assert leak not in text
+
+
+def test_a_header_flood_is_cut_off_and_never_stalls_the_process(stack, service):
+    gateway = stack.gateway(workers=1)  # the flood and the health checks share a process
+    host, port = gateway.url.removeprefix("http://").split(":")
+    stop = threading.Event()
+    slowest = []
+
+    def check_health() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            requests.get(gateway.url + "/healthz", timeout=5).raise_for_status()
+            slowest.append(time.monotonic() - started)
+
+    checker = threading.Thread(target=check_health)
+    checker.start()
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"GET /{service}/x HTTP/1.1\r\nHost: a\r\n".encode())
+            line = b"X-Flood: " + b"f" * 1000 + b"\r\n"
+            try:
+                for _ in range(8 * 1024):  # 8 MiB of headers
+                    sock.sendall(line)
+            except OSError:
+                pass  # the gateway stopped reading and closed: what it should do
+            answer = sock.recv(4096)
+    finally:
+        stop.set()
+        checker.join()
+    assert answer.startswith(b"HTTP/1.1 431") or answer == b""
+    assert slowest and max(slowest) < 0.5, f"slowest /healthz: {max(slowest):.2f} s"
