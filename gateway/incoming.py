@@ -7,7 +7,7 @@ of the gateway itself (``X-ProxyMQ-Timeout``, ``Prefer: respond-async``).
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from gateway import errors
 from proxymq.config import GatewayConfig
@@ -41,6 +41,24 @@ def split_service(path: str) -> tuple[str, str]:
     if cut < 0:
         return path[1:], "/"
     return path[1:cut], path[cut:]
+
+
+def check_path(path: str) -> None:
+    """400 for a path whose dot-segments would climb above the service's root.
+
+    The path goes to the downstream as sent, but a downstream (or a proxy in front of
+    it) that normalizes it must not be led outside the base URL it was given: so the
+    check reads the path as the most lenient normalizer would, with every escape
+    decoded (``%2e%2e``, ``..%2f``) and backslashes taken as slashes.
+    """
+    depth = 0
+    for segment in unquote(path).replace("\\", "/").split("/"):
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                raise errors.bad_request("the path climbs above the service's root")
+        elif segment not in ("", "."):
+            depth += 1
 
 
 def headers_of(environ: dict) -> Headers:

@@ -61,6 +61,7 @@ def handle(gateway: Gateway, environ: dict, service: str, path: str, query: str)
     try:
         check_service(service, config)
         label = metrics.label(service, config, link.known_queues)
+        incoming.check_path(path)
         if method not in METHODS:
             raise errors.GatewayError(405, "method-not-allowed", f"{method!r} is not served")
         headers = incoming.headers_of(environ)

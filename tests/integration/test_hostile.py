@@ -166,3 +166,24 @@ def test_a_header_flood_is_cut_off_and_never_stalls_the_process(stack, service):
         checker.join()
     assert answer.startswith(b"HTTP/1.1 431") or answer == b""
     assert slowest and max(slowest) < 0.5, f"slowest /healthz: {max(slowest):.2f} s"
+
+
+@pytest.mark.parametrize(
+    "path", ["/../admin", "/%2e%2e/%2e%2e/admin", "/..%2f..%2fadmin", "/a/..\\..\\admin"]
+)
+def test_a_path_climbing_above_the_service_root_is_400(gateway, service, downstream, path):
+    before = len(downstream.seen)
+    answer = raw_exchange(gateway, f"GET /{service}{path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"X-ProxyMQ-Error: bad-request" in head
+    assert len(downstream.seen) == before
+
+
+def test_dot_segments_that_stay_inside_reach_the_downstream_as_sent(gateway, service):
+    answer = raw_exchange(
+        gateway, f"GET /{service}/a/../b/%2e HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    )
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"X-Echo-Uri: /a/../b/%2e" in head
