@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 from flask import Flask
@@ -12,8 +11,6 @@ from gateway.proxy import Gateway, ProxyRoute
 from gateway.views import views
 from proxymq.config import GatewayConfig
 from proxymq.jobs import JobStore
-
-log = logging.getLogger(__name__)
 
 
 def create_app(config: GatewayConfig | None = None) -> Flask:
