@@ -7,6 +7,7 @@ of the gateway itself (``X-ProxyMQ-Timeout``, ``Prefer: respond-async``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from gateway import errors
@@ -20,6 +21,18 @@ CALLBACK_HEADER = "X-ProxyMQ-Callback"
 _OWN_PREFIX = "x-proxymq-"
 _REPLACED = ("host", "x-forwarded-proto", "x-forwarded-host")
 _ENVIRON_HEADERS = {"CONTENT_TYPE": "Content-Type", "CONTENT_LENGTH": "Content-Length"}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """What the proxy route read of one request, before its body."""
+
+    environ: dict
+    service: str
+    method: str
+    path: str  # after the service's segment, raw
+    query: str  # raw
+    headers: Headers
 
 
 def raw_target(environ: dict) -> tuple[str, str]:

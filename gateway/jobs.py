@@ -36,7 +36,7 @@ def callback_url(headers: incoming.Headers) -> str | None:
     return url
 
 
-def store_unavailable(exc: Exception) -> errors.GatewayError:
+def store_unavailable() -> errors.GatewayError:
     return errors.GatewayError(
         503, "result-store-unavailable", "the result store cannot be reached", 5
     )
@@ -46,39 +46,20 @@ def unknown_job(job_id: str) -> errors.GatewayError:
     return errors.GatewayError(404, "unknown-job", f"no job {job_id!r}")
 
 
-def submit(
-    gateway: Gateway,
-    environ: dict,
-    job_id: str,
-    service: str,
-    path: str,
-    query: str,
-    headers: incoming.Headers,
-) -> Answer:
+def submit(gateway: Gateway, request: incoming.ClientRequest, job_id: str) -> Answer:
     """Record the job, publish it (confirmed), answer 202 with its location."""
     store, config = gateway.store, gateway.config
     if store is None:
         raise errors.GatewayError(
             501, "async-unavailable", "asynchronous jobs need PROXYMQ_RESULT_URL on the gateway"
         )
-    callback = callback_url(headers)
-    envelope = envelope_of(
-        environ,
-        service,
-        environ["REQUEST_METHOD"],
-        path,
-        query,
-        headers,
-        config.job_timeout,
-        config,
-        job=True,
-        callback=callback,
-    )
-    owner = owner_hash(incoming.header(headers, config.job_auth_header))
+    callback = callback_url(request.headers)
+    envelope = envelope_of(request, config.job_timeout, config, job=True, callback=callback)
+    owner = owner_hash(incoming.header(request.headers, config.job_auth_header))
     try:
         store.create(job_id, envelope.service, owner, envelope.deadline)
-    except redis.RedisError as exc:
-        raise store_unavailable(exc) from None
+    except redis.RedisError:
+        raise store_unavailable() from None
     try:
         publish(gateway.link, envelope, job_id, PUBLISH_TIMEOUT, reply_to=None)
     except (BrokerUnavailable, gevent.Timeout) as exc:
@@ -115,8 +96,8 @@ def delete(store: JobStore | None, job_id: str, credential: str | None) -> Answe
         return Answer(204)
     try:
         cancelled = store.cancel(job_id) == QUEUED
-    except redis.RedisError as exc:
-        raise store_unavailable(exc) from None
+    except redis.RedisError:
+        raise store_unavailable() from None
     if not cancelled:
         raise errors.GatewayError(409, "job-running", f"job {job_id!r} is already running")
     metrics.jobs_total.labels(job.service, CANCELLED).inc()
@@ -128,8 +109,8 @@ def _owned(store: JobStore | None, job_id: str, credential: str | None) -> Job:
         raise unknown_job(job_id)
     try:
         job = store.get(job_id)
-    except redis.RedisError as exc:
-        raise store_unavailable(exc) from None
+    except redis.RedisError:
+        raise store_unavailable() from None
     if job is None or not job.owned_by(credential):
         raise unknown_job(job_id)
     return job
@@ -138,5 +119,5 @@ def _owned(store: JobStore | None, job_id: str, credential: str | None) -> Job:
 def _forget(store: JobStore, job_id: str) -> None:
     try:
         store.forget(job_id)
-    except redis.RedisError as exc:
-        raise store_unavailable(exc) from None
+    except redis.RedisError:
+        raise store_unavailable() from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,9 +23,6 @@ from prometheus_client import (
 
 from proxymq.config import GatewayConfig, queue_name
 from proxymq.metrics import LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from gateway.answers import Answer
 
 # A name nobody asked for must not become a label value: unknown services share one.
 UNKNOWN_SERVICE = "_unknown"
@@ -77,14 +73,15 @@ def label(service: str, config: GatewayConfig, known_queues: set[str]) -> str:
     return UNKNOWN_SERVICE
 
 
-def count(service: str, answer: Answer, started: float) -> None:
-    """Count one answered request under an already checked ``label``."""
-    code = next((v for n, v in answer.headers if n == "X-ProxyMQ-Error"), None)
+def count(service: str, status: int, code: str | None, started: float) -> None:
+    """Count one answered request under an already checked label; ``code`` is the
+    gateway's error code, if it answered one (never read back from the answer's headers,
+    which a downstream could have set)."""
     if code == "timeout":
         timeouts_total.labels(service).inc()
     elif code in ("queue-full", "broker-unavailable"):
         shed_total.labels(service, code).inc()
-    requests_total.labels(service, str(answer.status)).inc()
+    requests_total.labels(service, str(status)).inc()
     request_duration.labels(service).observe(time.perf_counter() - started)
 
 

@@ -15,24 +15,20 @@ from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply, task_
 
 
 def envelope_of(
-    environ: dict,
-    service: str,
-    method: str,
-    path: str,
-    query: str,
-    headers: incoming.Headers,
+    request: incoming.ClientRequest,
     wait: float,
     config: GatewayConfig,
     job: bool = False,
     callback: str | None = None,
 ) -> RequestEnvelope:
+    """The request as the downstream should see it; reads the body (413, 400)."""
     return RequestEnvelope(
-        service=service,
-        method=method,
-        path=path,
-        query=query,
-        headers=incoming.forwarded_headers(headers, environ),
-        body=incoming.read_body(environ, config.max_body_bytes),
+        service=request.service,
+        method=request.method,
+        path=request.path,
+        query=request.query,
+        headers=incoming.forwarded_headers(request.headers, request.environ),
+        body=incoming.read_body(request.environ, config.max_body_bytes),
         deadline=int((time.time() + wait) * 1000),
         job=job,
         callback=callback,

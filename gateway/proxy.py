@@ -57,30 +57,32 @@ def handle(gateway: Gateway, environ: dict, service: str, path: str, query: str)
     method = environ.get("REQUEST_METHOD", "")
     config, link = gateway.config, gateway.link
     link.start()  # after gunicorn's fork: this process's own connection and reply queue
-    label = metrics.UNKNOWN_SERVICE
+    code: str | None = None
     try:
         check_service(service, config)
-        label = metrics.label(service, config, link.known_queues)
         incoming.check_path(path)
         if method not in METHODS:
             raise errors.GatewayError(405, "method-not-allowed", f"{method!r} is not served")
         headers = incoming.headers_of(environ)
         incoming.check_header_size(headers, config)
+        request = incoming.ClientRequest(environ, service, method, path, query, headers)
         if incoming.wants_async(headers):
-            answer = jobs.submit(gateway, environ, correlation_id, service, path, query, headers)
+            answer = jobs.submit(gateway, request, correlation_id)
         else:
             wait = incoming.wait_seconds(headers, config)
-            envelope = envelope_of(environ, service, method, path, query, headers, wait, config)
+            envelope = envelope_of(request, wait, config)
+            label = metrics.label(service, config, link.known_queues)
             with metrics.inflight.labels(label).track_inprogress():
                 reply = exchange(link, envelope, correlation_id, wait)
-            answer = reply_answer(reply, correlation_id, method)
+            answer, code = reply_answer(reply, correlation_id, method), reply.error
     except errors.GatewayError as error:
-        answer = error_answer(error, correlation_id)
+        answer, code = error_answer(error, correlation_id), error.code
     except Exception:
         log.exception("unexpected error on a request for %r", service)
         error = errors.GatewayError(500, "internal-error", "the gateway failed; see its log")
-        answer = error_answer(error, correlation_id)
-    metrics.count(metrics.label(service, config, link.known_queues), answer, started)
+        answer, code = error_answer(error, correlation_id), error.code
+    label = metrics.label(service, config, link.known_queues)  # its queue may be known now
+    metrics.count(label, answer.status, code, started)
     return answer
 
 

@@ -9,6 +9,7 @@ condition (an HTTP answer, a consumer on a queue), never as a fixed sleep.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -192,6 +193,31 @@ def consumers(queue: str) -> int:
         except connection.channel_errors:
             return -1
         return count
+
+
+class TaskEventsTap:
+    """An exclusive queue on Celery's event exchange: every task event any worker sends."""
+
+    def __init__(self, connection: kombu.Connection) -> None:
+        from celery.events.event import get_exchange
+
+        self._channel = connection.channel()
+        queue = kombu.Queue(
+            f"t_events_{uuid.uuid4().hex[:8]}",
+            get_exchange(connection),
+            routing_key="task.#",
+            exclusive=True,
+        )
+        self._queue = queue(self._channel)
+        self._queue.declare()
+
+    def bunches(self) -> list[list[dict]]:
+        """The events that arrived since the last call, as they came: one list a message."""
+        got = []
+        while (message := self._queue.get(no_ack=True)) is not None:
+            body = json.loads(message.body)
+            got.append(body if isinstance(body, list) else [body])
+        return got
 
 
 def queue_exists(queue: str) -> bool:

@@ -37,7 +37,7 @@ from workers.admission import Verdict, admit
 from workers.batching import Batcher
 from workers.delivery import Delivery, Malformed, take
 from workers.events import TaskEvents
-from workers.publisher import Publisher
+from workers.publisher import Publisher, properties_of
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class Pipeline:
             _ack(message)
         elif verdict is Verdict.AGAIN:
             headers, properties = recounted(
-                message.headers, _properties(message), delivery.count, delivery.request.deadline
+                message.headers, properties_of(message), delivery.count, delivery.request.deadline
             )
             self._publisher.publish(
                 service.queue, message.body, headers, properties, self._settler(message)
@@ -173,9 +173,7 @@ class Pipeline:
             poison.dead_letter(
                 self._publisher, message, service.name, reason, self._settler(message)
             )
-            reply = poison.poison_reply(delivery.count - 1)
-            self.events.answered(delivery, reply)
-            self._answer(delivery, reply, settle=False)
+            self._answer_poison(delivery, poison.poison_reply(delivery.count - 1))
 
     def _dead_letter_malformed(self, message: Message, reason: str) -> None:
         if not self._taking:
@@ -218,8 +216,11 @@ class Pipeline:
 
     def _call_and_store(self, service: ServiceConfig, batch: list[Delivery]) -> list[Outcome]:
         runtime = self._runtime
-        skipped = [d for d in batch if d.request.job and not answering.start_job(runtime, d)]
-        live = [d for d in batch if d not in skipped]
+        live: list[Delivery] = []
+        skipped: list[Delivery] = []
+        for delivery in batch:
+            runs = not delivery.request.job or answering.start_job(runtime, delivery)
+            (live if runs else skipped).append(delivery)
         replies: dict[str, ReplyEnvelope] = {}
         if live:
             call_started = time.perf_counter()
@@ -266,22 +267,22 @@ class Pipeline:
         if reply is not None:
             self.events.answered(delivery, reply)
         if action == PUBLISH:
-            self._answer(delivery, reply)
+            self._publisher.reply(
+                delivery.reply_to, delivery.correlation_id, reply, self._settler(delivery.message)
+            )
         elif action == REQUEUE:
             _requeue(delivery.message)
         else:
             _ack(delivery.message)
 
-    def _answer(self, delivery: Delivery, reply: ReplyEnvelope, settle: bool = True) -> None:
-        """Publish ``reply`` to the client's reply queue (a job's poison goes to a call
-        thread, for the result store); with ``settle``, ack the message once confirmed."""
-        settled = self._settler(delivery.message) if settle else _ignore
+    def _answer_poison(self, delivery: Delivery, reply: ReplyEnvelope) -> None:
+        """Tell a dead-lettered request's client (its message is settled by the dead
+        letter's confirm): on its reply queue, or a job's in the result store."""
+        self.events.answered(delivery, reply)
         if delivery.answers_a_client:
-            self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, settled)
+            self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, _ignore)
         elif delivery.request.job and self._runtime.jobs is not None:
             self._work.put(functools.partial(self._store, delivery, reply))
-        elif settle:
-            _ack(delivery.message)
 
     def _settler(self, message: Message) -> Callable[[str], None]:
         """What to do with ``message`` once the broker answers for what replaced it."""
@@ -303,10 +304,6 @@ def _safely(step: Callable, *args) -> None:
     except Exception:
         # Unacknowledged, its message comes back when the channel closes.
         log.exception("a worker step failed")
-
-
-def _properties(message: Message) -> dict:
-    return {k: v for k, v in message.properties.items() if k != "application_headers"}
 
 
 def _ack(message: Message) -> None:

@@ -21,7 +21,7 @@ from kombu.message import Message
 from proxymq.confirms import Settled
 from proxymq.envelope import ReplyEnvelope
 from workers import metrics
-from workers.publisher import DEAD_SUFFIX, Publisher
+from workers.publisher import DEAD_SUFFIX, Publisher, properties_of
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,7 @@ def dead_letter(
 ) -> None:
     queue = (message.delivery_info or {}).get("routing_key", "")
     headers = message.headers if isinstance(message.headers, dict) else {}
-    properties = {
-        key: value
-        for key, value in message.properties.items()
-        if key not in ("application_headers", "expiration")
-    }
+    properties = {k: v for k, v in properties_of(message).items() if k != "expiration"}
     properties["delivery_mode"] = 2
     body = message.body if isinstance(message.body, bytes) else bytes(message.body)
     publisher.publish(

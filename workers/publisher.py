@@ -20,6 +20,12 @@ from proxymq.envelope import CONTENT_ENCODING, CONTENT_TYPE, ReplyEnvelope, enco
 DEAD_SUFFIX = ".dead"
 
 
+def properties_of(message) -> dict:
+    """A received message's AMQP properties, to publish it again as it came (its headers
+    travel separately)."""
+    return {k: v for k, v in message.properties.items() if k != "application_headers"}
+
+
 class Publisher:
     def __init__(self, connection) -> None:
         """``connection``: the consumer's Kombu connection, already connected."""

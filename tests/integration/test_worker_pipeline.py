@@ -15,8 +15,17 @@ import kombu
 import msgpack
 import pytest
 import requests
-from celery.events.event import get_exchange
-from stack import BIN, BROKER_URL, ROOT, base_env, consumers, free_port, unique_service, wait_for
+from stack import (
+    BIN,
+    BROKER_URL,
+    ROOT,
+    TaskEventsTap,
+    base_env,
+    consumers,
+    free_port,
+    unique_service,
+    wait_for,
+)
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -117,14 +126,7 @@ def test_single_and_batch_requests_send_the_same_task_events(stack, mode):
     batch = BatchEcho()
     env = {"PROXYMQ_BATCH_URL": batch.url + "/batch"} if mode == "batch" else {}
     with kombu.Connection(BROKER_URL) as connection, batch:
-        channel = connection.channel()
-        events = kombu.Queue(
-            f"t_events_{uuid.uuid4().hex[:8]}",
-            get_exchange(connection),
-            routing_key="task.#",
-            exclusive=True,
-        )
-        events(channel).declare()
+        tap = TaskEventsTap(connection)
         stack.worker(service, batch.url, **env)
         gateway = stack.gateway()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -140,9 +142,8 @@ def test_single_and_batch_requests_send_the_same_task_events(stack, mode):
         seen: dict[str, dict[str, dict]] = {}
 
         def every_request_finished() -> bool:
-            while (message := events(channel).get(no_ack=True)) is not None:
-                body = json.loads(message.body)
-                for event in body if isinstance(body, list) else [body]:
+            for bunch in tap.bunches():
+                for event in bunch:
                     if event.get("uuid") in ids:
                         seen.setdefault(event["uuid"], {})[event["type"]] = event
             return len(seen) == 16 and all("task-succeeded" in e for e in seen.values())
