@@ -128,6 +128,14 @@ def _queue_type(text: str) -> str:
     return text
 
 
+def _user_list(text: str) -> frozenset[str]:
+    """Broker user names: AMQP's ``user_id`` is a short string, compared exactly."""
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise ValueError("must be a comma-separated list of broker user names")
+    return names
+
+
 def _header_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9-]+", text):
         raise ValueError("must be an HTTP header name")
@@ -173,6 +181,8 @@ class GatewayConfig:
     job_ttl: int = 3600
     job_timeout: float = 3600.0
     job_auth_header: str = "Authorization"
+    body_timeout: float = 30.0
+    reply_users: frozenset[str] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
@@ -190,6 +200,8 @@ class GatewayConfig:
             job_ttl=read(env, "PROXYMQ_JOB_TTL", positive_int, d.job_ttl),
             job_timeout=read(env, "PROXYMQ_JOB_TIMEOUT", positive_number, d.job_timeout),
             job_auth_header=read(env, "PROXYMQ_JOB_AUTH_HEADER", _header_name, d.job_auth_header),
+            body_timeout=read(env, "PROXYMQ_BODY_TIMEOUT", positive_number, d.body_timeout),
+            reply_users=read(env, "PROXYMQ_REPLY_USERS", _user_list, d.reply_users),
         )
 
 
@@ -243,6 +255,7 @@ class WorkerConfig:
     callback_secret: str | None = None
     callback_allow_private: bool = False
     task_events: bool = True
+    max_response_bytes: int = 10 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], queues: list[str] | None = None) -> WorkerConfig:
@@ -264,6 +277,9 @@ class WorkerConfig:
                 env, "PROXYMQ_CALLBACK_ALLOW_PRIVATE", boolean, d.callback_allow_private
             ),
             task_events=read(env, "PROXYMQ_TASK_EVENTS", boolean, d.task_events),
+            max_response_bytes=read(
+                env, "PROXYMQ_MAX_RESPONSE_BYTES", positive_int, d.max_response_bytes
+            ),
         )
 
 
