@@ -246,6 +246,7 @@ class Downstream:
     """A threaded HTTP server in the test process that records every request.
 
     Paths pick a behaviour: ``/sleep/<s>`` waits, ``/status/<code>`` answers that status,
+    ``/bytes/<n>`` answers n bytes with a Content-Length, ``/chunked-bytes/<n>`` chunked,
     ``/close`` drops the connection without answering, ``/health`` answers 200 or 503 as
     ``healthy`` says (and is not recorded); anything else echoes the body.
     """
@@ -298,6 +299,11 @@ class Downstream:
             environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
             environ["werkzeug.socket"].close()
             return []
+        if parts[0] in ("bytes", "chunked-bytes"):  # n bytes, with or without a length
+            size = int(parts[1])
+            if parts[0] == "bytes":
+                return Response(b"b" * size)(environ, start_response)
+            return Response(b"b" * 1000 for _ in range(size // 1000))(environ, start_response)
         status = int(parts[1]) if parts[0] == "status" else 200
         if parts[0] == "sized":  # a fixed body, so HEAD has a Content-Length to keep
             body = b"s" * 1234

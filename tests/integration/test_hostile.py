@@ -187,3 +187,19 @@ def test_dot_segments_that_stay_inside_reach_the_downstream_as_sent(gateway, ser
     head = answer.split(b"\r\n\r\n", 1)[0]
     assert head.startswith(b"HTTP/1.1 200")
     assert b"X-Echo-Uri: /a/../b/%2e" in head
+
+
+@pytest.mark.parametrize("framing", ["bytes", "chunked-bytes"])
+def test_an_answer_over_the_response_limit_is_502_and_the_downstream_called_once(
+    stack, downstream, framing
+):
+    service = unique_service("big")
+    stack.worker(service, downstream.url, PROXYMQ_MAX_RESPONSE_BYTES="5000")
+    gateway = stack.gateway()
+    response = requests.get(f"{gateway.url}/{service}/{framing}/30000", timeout=30)
+    assert response.status_code == 502
+    assert response.headers["X-ProxyMQ-Error"] == "response-too-large"
+    assert len(downstream.requests_for(response.headers["X-Correlation-ID"])) == 1
+    # At the limit exactly it passes, and the worker's connection is still good.
+    fits = requests.get(f"{gateway.url}/{service}/{framing}/5000", timeout=30)
+    assert (fits.status_code, len(fits.content)) == (200, 5000)

@@ -192,3 +192,11 @@ def test_bad_callback_url_is_400(gateway):
         headers={**ASYNC, "X-ProxyMQ-Callback": "file:///etc/passwd"},
     )
     assert (response.status_code, response.headers["X-ProxyMQ-Error"]) == (400, "bad-request")
+
+
+def test_a_job_answer_over_the_response_limit_is_stored_as_502(stack, gateway, downstream):
+    service = unique_service("jobbig")
+    worker(stack, service, downstream, PROXYMQ_MAX_RESPONSE_BYTES="1000")
+    location = submit(gateway, service, "/bytes/5000").headers["Location"]
+    answer = poll_until_done(gateway, location)
+    assert (answer.status_code, answer.headers["X-ProxyMQ-Error"]) == (502, "response-too-large")
