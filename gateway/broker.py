@@ -36,8 +36,15 @@ class BrokerUnavailable(Exception):
 class BrokerLink:
     """Publishes requests with confirms and routes the replies to their waiters."""
 
-    def __init__(self, url: str, heartbeat: int = 20, reconnect_delay: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        heartbeat: int = 20,
+        reconnect_delay: float = 1.0,
+        reply_users: frozenset[str] | None = None,
+    ) -> None:
         self._url = url
+        self._reply_users = reply_users
         self._heartbeat = heartbeat
         self._reconnect_delay = reconnect_delay
         self._write_lock = Semaphore()
@@ -184,4 +191,12 @@ class BrokerLink:
     # -- replies ------------------------------------------------------------------------
 
     def _on_reply(self, message: amqp.Message) -> None:
+        """Route a reply to its waiter. With ``PROXYMQ_REPLY_USERS``, only from those
+        broker users: anyone who can read a request queue learns a request's reply
+        queue and correlation id, but ``user_id`` is checked by the broker against the
+        publisher's own login, so it cannot be forged."""
+        user = message.properties.get("user_id")
+        if self._reply_users is not None and user not in self._reply_users:
+            log.warning("dropped a reply from broker user %r: not in PROXYMQ_REPLY_USERS", user)
+            return
         self.replies.deliver(message.properties.get("correlation_id"), message.body)

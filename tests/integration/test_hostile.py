@@ -3,13 +3,20 @@ worker: what the client, the downstream and the logs see (issue: hostile input).
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
 import threading
 import time
+import uuid
 
+import amqp
+import kombu
 import pytest
 import requests
-from stack import free_port, unique_service
+from stack import BROKER_URL, free_port, unique_service
+
+from proxymq.envelope import ReplyEnvelope, encode_reply
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +210,81 @@ def test_an_answer_over_the_response_limit_is_502_and_the_downstream_called_once
     # At the limit exactly it passes, and the worker's connection is still good.
     fits = requests.get(f"{gateway.url}/{service}/{framing}/5000", timeout=30)
     assert (fits.status_code, len(fits.content)) == (200, 5000)
+
+
+@pytest.fixture
+def intruder():
+    """A second broker user, with every permission on the vhost: someone who can read
+    the request queues (a monitoring tool, a compromised service)."""
+    name, password = f"intruder-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_user", name, password], check=True, capture_output=True)
+    subprocess.run(
+        [*ctl, "set_permissions", "-p", "/", name, ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    yield name, BROKER_URL.replace("guest:guest", f"{name}:{password}")
+    subprocess.run([*ctl, "delete_user", name], capture_output=True)
+
+
+def forge_replies(url: str, queue: str, user_id: str | None, stop: threading.Event) -> None:
+    """Take requests off ``queue`` and answer each with a forged 200."""
+    forged = encode_reply(ReplyEnvelope(status=200, body=b"forged"))
+    with kombu.Connection(url) as connection:
+        channel = connection.default_channel
+
+        def answer(message) -> None:
+            extra = {"user_id": user_id} if user_id else {}
+            channel.basic_publish(
+                amqp.Message(forged, correlation_id=message.properties["correlation_id"], **extra),
+                routing_key=message.properties["reply_to"],
+            )
+            message.ack()
+
+        with kombu.Consumer(channel, [kombu.Queue(queue, no_declare=True)], callbacks=[]) as c:
+            c.on_message = answer
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    connection.drain_events(timeout=0.2)
+
+
+@pytest.mark.parametrize("claimed", [None, "own-name"], ids=["no-user-id", "own-user-id"])
+def test_replies_from_other_broker_users_are_dropped(stack, downstream, intruder, claimed):
+    name, url = intruder
+    service = unique_service("forged")
+    stack.worker(service, downstream.url).stop()  # declares the queue, then leaves it
+    trusting = stack.gateway()
+    guarded = stack.gateway(PROXYMQ_REPLY_USERS="guest")
+    stop = threading.Event()
+    user_id = name if claimed else None
+    forger = threading.Thread(
+        target=forge_replies, args=(url, f"{service}_requests", user_id, stop)
+    )
+    forger.start()
+    try:
+        # The attack works where replies are not checked ...
+        fooled = requests.get(f"{trusting.url}/{service}/x", timeout=10)
+        assert (fooled.status_code, fooled.content) == (200, b"forged")
+        # ... and not where they are: the forged reply is dropped, the client waits.
+        refused = requests.get(
+            f"{guarded.url}/{service}/x", headers={"X-ProxyMQ-Timeout": "2"}, timeout=10
+        )
+        assert (refused.status_code, refused.headers["X-ProxyMQ-Error"]) == (504, "timeout")
+        assert repr(user_id) in guarded.process.log()
+    finally:
+        stop.set()
+        forger.join()
+    # The real worker's replies carry its broker user, checked by the broker.
+    stack.worker(service, downstream.url)
+    real = requests.get(f"{guarded.url}/{service}/x", timeout=10)
+    assert (real.status_code, real.headers["X-Echo-Uri"]) == (200, "/x")
+
+
+def test_the_broker_refuses_a_reply_claiming_another_user(intruder):
+    _, url = intruder
+    with kombu.Connection(url) as connection:
+        channel = connection.channel()
+        channel.basic_publish(amqp.Message(b"x", user_id="guest"), routing_key="nowhere")
+        with pytest.raises(amqp.exceptions.PreconditionFailed):
+            channel.basic_qos(0, 1, False)  # the next round trip reports the refusal
