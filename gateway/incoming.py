@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+import gevent
+
 from gateway import errors
 from proxymq.config import GatewayConfig
 from proxymq.headers import Headers, end_to_end
@@ -125,18 +127,32 @@ def forwarded_headers(headers: Headers, environ: dict) -> Headers:
     return kept
 
 
-def read_body(environ: dict, limit: int) -> bytes:
-    """The whole body, or 413 past ``limit``; 400 when its framing is malformed."""
+def read_body(environ: dict, limit: int, timeout: float) -> bytes:
+    """The whole body, or 413 past ``limit``; 400 when its framing is malformed; 408 when
+    it has not all arrived after ``timeout`` seconds.
+
+    The timeout is for the whole body, not per read: a client sending a byte now and
+    then would pass any per-read timeout while holding the connection for ever. (The
+    request head is bounded by gunicorn, which parses each one within ``keepalive``.)
+    """
     length = environ.get("CONTENT_LENGTH")
     if length and length.isdigit() and int(length) > limit:
         raise errors.body_too_large(limit)
     stream = environ.get("wsgi.input")
     if stream is None:
         return b""
+    deadline = gevent.Timeout(timeout)
+    deadline.start()
     try:
         body = stream.read(limit + 1)
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        raise errors.body_timeout(timeout) from None
     except Exception as exc:  # gunicorn's parser errors: a malformed chunked body
         raise errors.bad_request(f"malformed request body ({type(exc).__name__})") from None
+    finally:
+        deadline.close()
     if len(body) > limit:
         raise errors.body_too_large(limit)
     return body

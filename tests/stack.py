@@ -128,10 +128,14 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def gateway(self, workers: int = 1, ready_path: str = "/readyz", **env: str) -> Gateway:
+    def gateway(
+        self, *extra: str, workers: int = 1, ready_path: str = "/readyz", **env: str
+    ) -> Gateway:
+        """``gunicorn gateway:app -w <workers>``, with ``extra`` gunicorn arguments."""
         port = free_port()
         env.setdefault("PROXYMQ_GATEWAY_BIND", f"127.0.0.1:{port}")
-        process = self.run("gateway", ["gunicorn", "gateway:app", "-w", str(workers)], **env)
+        args = ["gunicorn", "gateway:app", "-w", str(workers), *extra]
+        process = self.run("gateway", args, **env)
         gateway = Gateway(process, f"http://127.0.0.1:{port}")
         self._await(
             process, lambda: requests.get(gateway.url + ready_path, timeout=1).ok, "gateway"

@@ -4,6 +4,7 @@ worker: what the client, the downstream and the logs see (issue: hostile input).
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import threading
@@ -14,7 +15,7 @@ import amqp
 import kombu
 import pytest
 import requests
-from stack import BROKER_URL, free_port, unique_service
+from stack import BROKER_URL, free_port, unique_service, wait_for
 
 from proxymq.envelope import ReplyEnvelope, encode_reply
 
@@ -288,3 +289,72 @@ def test_the_broker_refuses_a_reply_claiming_another_user(intruder):
         channel.basic_publish(amqp.Message(b"x", user_id="guest"), routing_key="nowhere")
         with pytest.raises(amqp.exceptions.PreconditionFailed):
             channel.basic_qos(0, 1, False)  # the next round trip reports the refusal
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_that_trickles_in_is_408_after_the_body_timeout(stack, downstream, framing):
+    service = unique_service("slowbody")
+    stack.worker(service, downstream.url)
+    gateway = stack.gateway(PROXYMQ_BODY_TIMEOUT="1")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    framed = "Content-Length: 100" if framing == "length" else "Transfer-Encoding: chunked"
+    before = len(downstream.seen)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /{service}/x HTTP/1.1\r\nHost: a\r\n{framed}\r\n\r\n".encode())
+        started = time.monotonic()
+        sock.setblocking(False)
+        answer = b""
+        while not answer and time.monotonic() - started < 8:
+            with contextlib.suppress(OSError):
+                sock.send(b"1\r\nx\r\n" if framing == "chunked" else b"x")  # a byte at a time
+            time.sleep(0.25)
+            with contextlib.suppress(BlockingIOError):
+                answer = sock.recv(4096)
+        took = time.monotonic() - started
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert b"X-ProxyMQ-Error: body-timeout" in head
+    assert 0.9 < took < 3
+    assert len(downstream.seen) == before
+
+
+def test_client_values_are_escaped_in_the_access_log_and_job_ids_never_written(stack, downstream):
+    service = unique_service("logs")
+    stack.worker(service, downstream.url, PROXYMQ_RESULT_URL="redis://127.0.0.1:6379/0")
+    gateway = stack.gateway(
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        '"%(r)s" %(U)s %(q)s "%(a)s"',
+        PROXYMQ_RESULT_URL="redis://127.0.0.1:6379/0",
+    )
+    request = (
+        f"GET /{service}/a%0d%0aFORGED-PATH?q=%0d%0aFORGED-QUERY HTTP/1.1\r\nHost: a\r\n"
+        'User-Agent: agent" \\ red\r\n\r\n'
+    ).encode()
+    assert raw_exchange(gateway, request).startswith(b"HTTP/1.1 200")
+    accepted = requests.post(
+        f"{gateway.url}/{service}/x", headers={"Prefer": "respond-async"}, timeout=10
+    )
+    job_id = accepted.json()["id"]
+    wait_for(
+        lambda: requests.get(gateway.url + accepted.headers["Location"]).status_code == 200,
+        10,
+        "the job",
+    )
+    wait_for(lambda: "/jobs/" in gateway.process.log(), 5, "the access log")
+    log = gateway.process.log()
+    assert "a\\r\\nFORGED-PATH" in log  # the decoded path, escaped
+    assert not any(line.startswith("FORGED") for line in log.splitlines())
+    assert 'agent\\" \\\\ red' in log  # a quote cannot end the field early
+    assert job_id not in log
+
+
+def test_requests_gunicorn_refuses_get_the_gateways_json_error(gateway, service):
+    answer = raw_exchange(
+        gateway, f"GET /{service}/x HTTP/1.1\r\nHost: a\r\nX-Bad: \x1b[31m\r\n\r\n".encode()
+    )
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"X-ProxyMQ-Error: bad-request" in head
+    assert json.loads(body)["error"] == "bad-request"
