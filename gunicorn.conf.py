@@ -72,9 +72,13 @@ def _gateway_worker():
     import contextlib
     import json
 
+    from gunicorn.http.errors import ConfigurationProblem, UnsupportedTransferCoding
     from gunicorn.workers.ggevent import GeventWorker
 
     codes = {431: "headers-too-large", 500: "internal-error"}
+    # gunicorn answers these with a 5xx, but they are the client's doing: a transfer
+    # coding it does not support, a SCRIPT_NAME header that does not fit the path.
+    client_faults = (ConfigurationProblem, UnsupportedTransferCoding)
 
     class Captured:
         """The client socket, but what gunicorn writes to it is kept, not sent."""
@@ -97,6 +101,8 @@ def _gateway_worker():
             if len(parts) != 3 or not parts[1].isdigit():
                 return
             _, status, reason = parts
+            if isinstance(exc, client_faults):
+                status, reason = "400", "Bad Request"
             code = codes.get(int(status), "bad-request")
             message = "request headers over the limit" if code == codes[431] else reason
             body = json.dumps({"error": code, "message": message, "correlation_id": None})
@@ -143,6 +149,9 @@ else:
     # PROXYMQ_MAX_HEADER_BYTES (431 with its JSON error), applies within that.
     limit_request_field_size = min(_config.max_header_bytes, 8190)
     limit_request_fields = 100
+    # The gateway reads the raw target (RAW_URI); a SCRIPT_NAME or PATH_INFO header from
+    # a "trusted" peer (gunicorn trusts 127.0.0.1 by default) means nothing to it.
+    forwarder_headers = ""
     worker_class = _gateway_worker()
     # A SIGTERMed worker answers the requests it holds before it exits.
     graceful_timeout = int(_config.reply_timeout) + 5

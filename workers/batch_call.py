@@ -54,7 +54,7 @@ def encode_item(item: Delivery) -> dict[str, Any]:
         "correlation_id": item.correlation_id,
         "method": request.method,
         "path": request.path,
-        "query": request.query,
+        "query": request.query or "",  # the contract's string: no "?" and "?" alike
         "headers": headers,
     }
     if not request.body:

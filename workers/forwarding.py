@@ -168,7 +168,7 @@ def call(connections: Connections, delivery: Delivery, limit: int) -> ReplyEnvel
     service, request = delivery.service, delivery.request
     base = urlsplit(service.downstream_url)
     target = base.path.rstrip("/") + request.path
-    if request.query:
+    if request.query is not None:
         target += "?" + request.query
     seconds, deadline_bound = budget(service, request.deadline)
     if seconds <= 0:
