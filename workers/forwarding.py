@@ -146,6 +146,17 @@ class Connections:
             connection.close()
 
 
+def _too_large(
+    connections: Connections, base: SplitResult, delivery: Delivery, limit: int
+) -> ReplyEnvelope:
+    """The answer is left unread: its connection cannot serve another call."""
+    connections.discard(base)
+    log.warning(
+        "call %s to %s: answer over %d bytes", delivery.correlation_id, delivery.service.name, limit
+    )
+    return too_large(limit)
+
+
 def _dropped(connection: http.client.HTTPConnection) -> bool:
     """An idle keep-alive connection the downstream closed reads as ready (EOF)."""
     sock = connection.sock
@@ -185,14 +196,15 @@ def call(connections: Connections, delivery: Delivery, limit: int) -> ReplyEnvel
         response = connection.getresponse()
         # ``length`` is the declared Content-Length (None when chunked, 0 for HEAD).
         declared = response.length
-        body = b"" if declared is not None and declared > limit else response.read(limit + 1)
+        if declared is not None and declared > limit:
+            return _too_large(connections, base, delivery, limit)
+        body = response.read(limit + 1)
+        if declared is not None and len(body) < declared:
+            # read(n) returns what came before the downstream hung up, without a word.
+            raise http.client.IncompleteRead(body, declared - len(body))
+        if len(body) > limit:
+            return _too_large(connections, base, delivery, limit)
         headers = response.getheaders()
-        if len(body) > limit or (declared is not None and declared > limit):
-            connections.discard(base)
-            log.warning(
-                "call %s to %s: answer over %d bytes", delivery.correlation_id, service.name, limit
-            )
-            return too_large(limit)
         if response.will_close:
             connections.discard(base)
     except (http.client.HTTPException, OSError) as exc:

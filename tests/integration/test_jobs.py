@@ -322,10 +322,15 @@ def test_the_job_id_is_a_secret_of_its_own_seen_only_in_the_202(stack, gateway, 
         job_id, correlation_id = accepted.json()["id"], accepted.headers["X-Correlation-ID"]
         assert job_id != correlation_id and len(job_id) >= 32
         assert poll_until_done(gateway, accepted.headers["Location"]).content == b"quiet"
-        events = tap.bunches()
+        events: list = []
+        wait_for(
+            lambda: events.extend(tap.bunches()) or "task-succeeded" in str(events),
+            10,
+            "the job's task events",
+        )
     (seen,) = downstream.requests_for(correlation_id)
     assert job_id not in str(seen)
-    assert events and job_id not in str(events)
+    assert correlation_id in str(events) and job_id not in str(events)
     assert job_id not in victim.log() and job_id not in gateway.process.log()
     keys = redis.Redis.from_url(RESULT_URL).keys("proxymq:*")
     assert not any(job_id.encode() in key for key in keys)
