@@ -36,8 +36,17 @@ class BrokerUnavailable(Exception):
 class BrokerLink:
     """Publishes requests with confirms and routes the replies to their waiters."""
 
-    def __init__(self, url: str, heartbeat: int = 20, reconnect_delay: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        heartbeat: int = 20,
+        reconnect_delay: float = 1.0,
+        ssl: dict | None = None,
+    ) -> None:
+        """``ssl`` is ``BrokerTLS.ssl_options()`` for an ``amqps://`` URL: without it
+        Kombu's TLS would not check the broker's host name."""
         self._url = url
+        self._ssl = ssl
         self._heartbeat = heartbeat
         self._reconnect_delay = reconnect_delay
         self._write_lock = Semaphore()
@@ -83,7 +92,9 @@ class BrokerLink:
             gevent.sleep(self._reconnect_delay)
 
     def _connect(self) -> None:
-        connection = kombu.Connection(self._url, heartbeat=self._heartbeat, connect_timeout=5)
+        connection = kombu.Connection(
+            self._url, heartbeat=self._heartbeat, connect_timeout=5, ssl=self._ssl or False
+        )
         connection.connect()
         self._connection = connection
         channel = connection.connection.channel()
