@@ -23,40 +23,101 @@ def _stop(error: Exception) -> None:
 worker_class = "gevent"
 
 
+def _safe_logger():
+    """gunicorn's logger, with every access-log field made safe to write.
+
+    Request lines, paths and headers are the client's: ``%(U)s`` is the *decoded* path,
+    so ``%0d%0a`` in it would start a forged log line, and a terminal escape in a
+    User-Agent would reach whoever reads the log. Control characters and backslashes are
+    escaped (quotes gunicorn escapes itself), and job ids in ``/jobs/<id>`` paths are replaced
+    by ``…``: a job id is a secret, held by its client alone.
+    """
+    import re
+
+    from gunicorn.glogging import Logger
+
+    job_path = re.compile(r"(^|\s)(/jobs/)[^/?\s]+")  # the gateway's /jobs/, not a service's
+
+    def escape_char(char):
+        if char == "\\":
+            return "\\\\"
+        return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+    def escape(value):
+        if not isinstance(value, str) or (
+            value.isprintable() and "\\" not in value and "/jobs/" not in value
+        ):
+            return value
+        return "".join(escape_char(char) for char in job_path.sub(r"\1\2…", value))
+
+    class SafeLogger(Logger):
+        def atoms(self, resp, req, environ, request_time):
+            atoms = super().atoms(resp, req, environ, request_time)
+            return {key: escape(value) for key, value in atoms.items()}
+
+    return SafeLogger
+
+
+logger_class = _safe_logger()
+
+
 def _gateway_worker():
-    """gunicorn's gevent worker, answering its own header-limit refusals as the gateway
-    answers every error of its own: 431 with ``X-ProxyMQ-Error: headers-too-large`` and
-    the JSON body. Defined here, not in ``gateway/``: importing that package builds the
-    app, which must not happen in the master."""
+    """gunicorn's gevent worker, answering the requests its parser refuses as the gateway
+    answers every error of its own: ``X-ProxyMQ-Error`` and the JSON body, never
+    gunicorn's HTML page (431 ``headers-too-large`` for the header limits, 400
+    ``bad-request`` for a malformed request line, header or chunk). gunicorn still picks
+    the status, logs the refusal and writes the access log line; only what it would
+    send is replaced. Defined here, not in ``gateway/``: importing that package builds
+    the app, which must not happen in the master."""
     import contextlib
     import json
 
-    from gunicorn.http.errors import LimitRequestHeaders
+    from gunicorn.http.errors import ConfigurationProblem, UnsupportedTransferCoding
     from gunicorn.workers.ggevent import GeventWorker
+
+    codes = {431: "headers-too-large", 500: "internal-error"}
+    # gunicorn answers these with a 5xx, but they are the client's doing: a transfer
+    # coding it does not support, a SCRIPT_NAME header that does not fit the path.
+    client_faults = (ConfigurationProblem, UnsupportedTransferCoding)
+
+    class Captured:
+        """The client socket, but what gunicorn writes to it is kept, not sent."""
+
+        def __init__(self, sock):
+            self._sock, self.sent = sock, b""
+
+        def sendall(self, data):
+            self.sent += data
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
 
     class GatewayWorker(GeventWorker):
         def handle_error(self, req, client, addr, exc):
-            if not isinstance(exc, LimitRequestHeaders):
-                return super().handle_error(req, client, addr, exc)
-            self.log.warning("request headers over the limit from %s: %s", addr[0], exc)
-            body = json.dumps(
-                {
-                    "error": "headers-too-large",
-                    "message": "request headers over the limit",
-                    "correlation_id": None,
-                }
-            ).encode()
+            captured = Captured(client)
+            super().handle_error(req, captured, addr, exc)
+            # gunicorn wrote "HTTP/1.1 <status> <reason>\r\n...": keep its status.
+            parts = captured.sent.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                return
+            _, status, reason = parts
+            if isinstance(exc, client_faults):
+                status, reason = "400", "Bad Request"
+            code = codes.get(int(status), "bad-request")
+            message = "request headers over the limit" if code == codes[431] else reason
+            body = json.dumps({"error": code, "message": message, "correlation_id": None})
             head = (
-                "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                f"HTTP/1.1 {status} {reason}\r\n"
                 "Content-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n"
-                "X-ProxyMQ-Error: headers-too-large\r\n"
+                f"X-ProxyMQ-Error: {code}\r\n"
                 "Connection: close\r\n\r\n"
             )
             with contextlib.suppress(OSError):  # a client that has gone is told nothing
-                client.sendall(head.encode() + body)
+                client.sendall((head + body).encode("latin-1"))
 
     return GatewayWorker
+
 
 worker_connections = 2000
 # Idle keep-alive connections hold a graceful shutdown until they time out, so short.
@@ -92,6 +153,9 @@ else:
     # PROXYMQ_MAX_HEADER_BYTES (431 with its JSON error), applies within that.
     limit_request_field_size = min(_config.max_header_bytes, 8190)
     limit_request_fields = 100
+    # The gateway reads the raw target (RAW_URI); a SCRIPT_NAME or PATH_INFO header from
+    # a "trusted" peer (gunicorn trusts 127.0.0.1 by default) means nothing to it.
+    forwarder_headers = ""
     worker_class = _gateway_worker()
     # A SIGTERMed worker answers the requests it holds before it exits.
     graceful_timeout = int(_config.reply_timeout) + 5

@@ -42,11 +42,14 @@ class BrokerLink:
         heartbeat: int = 20,
         reconnect_delay: float = 1.0,
         ssl: dict | None = None,
+        reply_users: frozenset[str] | None = None,
     ) -> None:
         """``ssl`` is ``BrokerTLS.ssl_options()`` for an ``amqps://`` URL: without it
-        Kombu's TLS would not check the broker's host name."""
+        Kombu's TLS would not check the broker's host name. ``reply_users`` is
+        ``PROXYMQ_REPLY_USERS``."""
         self._url = url
         self._ssl = ssl
+        self._reply_users = reply_users
         self._heartbeat = heartbeat
         self._reconnect_delay = reconnect_delay
         self._write_lock = Semaphore()
@@ -195,4 +198,12 @@ class BrokerLink:
     # -- replies ------------------------------------------------------------------------
 
     def _on_reply(self, message: amqp.Message) -> None:
+        """Route a reply to its waiter. With ``PROXYMQ_REPLY_USERS``, only from those
+        broker users: anyone who can read a request queue learns a request's reply
+        queue and correlation id, but ``user_id`` is checked by the broker against the
+        publisher's own login, so it cannot be forged."""
+        user = message.properties.get("user_id")
+        if self._reply_users is not None and user not in self._reply_users:
+            log.warning("dropped a reply from broker user %r: not in PROXYMQ_REPLY_USERS", user)
+            return
         self.replies.deliver(message.properties.get("correlation_id"), message.body)

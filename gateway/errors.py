@@ -45,3 +45,9 @@ def timeout(seconds: float) -> GatewayError:
 
 def body_too_large(limit: int) -> GatewayError:
     return GatewayError(413, "body-too-large", f"request body over the limit of {limit} bytes")
+
+
+def body_timeout(seconds: float) -> GatewayError:
+    return GatewayError(
+        408, "body-timeout", f"the request body did not arrive within {seconds:g} seconds"
+    )

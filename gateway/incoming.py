@@ -8,7 +8,9 @@ of the gateway itself (``X-ProxyMQ-Timeout``, ``Prefer: respond-async``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
+
+import gevent
 
 from gateway import errors
 from proxymq.config import GatewayConfig
@@ -31,21 +33,32 @@ class ClientRequest:
     service: str
     method: str
     path: str  # after the service's segment, raw
-    query: str  # raw
+    query: str | None  # raw; None without a "?"
     headers: Headers
 
 
-def raw_target(environ: dict) -> tuple[str, str]:
+def raw_target(environ: dict) -> tuple[str, str | None]:
     """The path and query exactly as the client sent them (gunicorn's ``RAW_URI``):
-    WSGI's ``PATH_INFO`` is percent-decoded, which would make ``a%2Fb`` into ``a/b``."""
+    WSGI's ``PATH_INFO`` is percent-decoded, which would make ``a%2Fb`` into ``a/b``.
+    The query is None when there is no ``?``, and ``""`` for a bare ``?``."""
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if not raw:
-        return environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING", "")
-    if not raw.startswith("/"):  # absolute-form: http://host/path
-        parts = urlsplit(raw)
-        raw = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    path, _, query = raw.partition("?")
-    return path, query
+        return environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING") or None
+    if not raw.startswith("/"):
+        raw = _origin_form(raw)
+    path, sep, query = raw.partition("?")
+    return path, query if sep else None
+
+
+def _origin_form(raw: str) -> str:
+    """``http://host/path?q`` -> ``/path?q``, the rest of it untouched (urlsplit would
+    drop a ``#`` and what follows, and normalize the empty query away)."""
+    _, sep, rest = raw.partition("://")
+    if not sep:
+        return "/" + raw
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    target = rest[cut:]
+    return target if target.startswith("/") else "/" + target
 
 
 def split_service(path: str) -> tuple[str, str]:
@@ -125,18 +138,32 @@ def forwarded_headers(headers: Headers, environ: dict) -> Headers:
     return kept
 
 
-def read_body(environ: dict, limit: int) -> bytes:
-    """The whole body, or 413 past ``limit``; 400 when its framing is malformed."""
+def read_body(environ: dict, limit: int, timeout: float) -> bytes:
+    """The whole body, or 413 past ``limit``; 400 when its framing is malformed; 408 when
+    it has not all arrived after ``timeout`` seconds.
+
+    The timeout is for the whole body, not per read: a client sending a byte now and
+    then would pass any per-read timeout while holding the connection for ever. (The
+    request head is bounded by gunicorn, which parses each one within ``keepalive``.)
+    """
     length = environ.get("CONTENT_LENGTH")
     if length and length.isdigit() and int(length) > limit:
         raise errors.body_too_large(limit)
     stream = environ.get("wsgi.input")
     if stream is None:
         return b""
+    deadline = gevent.Timeout(timeout)
+    deadline.start()
     try:
         body = stream.read(limit + 1)
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        raise errors.body_timeout(timeout) from None
     except Exception as exc:  # gunicorn's parser errors: a malformed chunked body
         raise errors.bad_request(f"malformed request body ({type(exc).__name__})") from None
+    finally:
+        deadline.close()
     if len(body) > limit:
         raise errors.body_too_large(limit)
     return body

@@ -18,7 +18,7 @@ from gateway import errors, incoming, metrics
 from gateway.answers import Answer, json_answer, reply_answer
 from gateway.broker import BrokerUnavailable
 from gateway.outgoing import envelope_of, publish
-from proxymq.jobs import CANCELLED, DONE, QUEUED, Job, JobStore, owner_hash
+from proxymq.jobs import CANCELLED, DONE, QUEUED, Job, JobStore, new_job_id, owner_hash
 
 if TYPE_CHECKING:
     from gateway.proxy import Gateway
@@ -42,12 +42,15 @@ def store_unavailable() -> errors.GatewayError:
     )
 
 
-def unknown_job(job_id: str) -> errors.GatewayError:
-    return errors.GatewayError(404, "unknown-job", f"no job {job_id!r}")
+def unknown_job() -> errors.GatewayError:
+    return errors.GatewayError(404, "unknown-job", "no such job")
 
 
-def submit(gateway: Gateway, request: incoming.ClientRequest, job_id: str) -> Answer:
-    """Record the job, publish it (confirmed), answer 202 with its location."""
+def submit(gateway: Gateway, request: incoming.ClientRequest, correlation_id: str) -> Answer:
+    """Record the job, publish it (confirmed), answer 202 with its location.
+
+    The job id is made here and answered here, and goes nowhere else (``proxymq.jobs``).
+    """
     store, config = gateway.store, gateway.config
     if store is None:
         raise errors.GatewayError(
@@ -56,24 +59,25 @@ def submit(gateway: Gateway, request: incoming.ClientRequest, job_id: str) -> An
     callback = callback_url(request.headers)
     envelope = envelope_of(request, config.job_timeout, config, job=True, callback=callback)
     owner = owner_hash(incoming.header(request.headers, config.job_auth_header))
+    job_id = new_job_id()
     try:
-        store.create(job_id, envelope.service, owner, envelope.deadline)
+        store.create(job_id, correlation_id, envelope.service, owner, envelope.deadline)
     except redis.RedisError:
         raise store_unavailable() from None
     try:
-        publish(gateway.link, envelope, job_id, PUBLISH_TIMEOUT, reply_to=None)
+        publish(gateway.link, envelope, correlation_id, PUBLISH_TIMEOUT, reply_to=None)
     except (BrokerUnavailable, gevent.Timeout) as exc:
-        _forget(store, job_id)
+        _forget(store, job_id, correlation_id)
         raise errors.broker_unavailable(str(exc) or "no publisher confirm") from None
     except errors.GatewayError:  # unknown service, full queue
-        _forget(store, job_id)
+        _forget(store, job_id, correlation_id)
         raise
     metrics.jobs_total.labels(envelope.service, "submitted").inc()
     location = f"/jobs/{job_id}"
     return json_answer(
         202,
         {"id": job_id, "status": QUEUED, "location": location},
-        [("Location", location), ("X-Correlation-ID", job_id)],
+        [("Location", location), ("X-Correlation-ID", correlation_id)],
     )
 
 
@@ -81,43 +85,44 @@ def poll(store: JobStore | None, job_id: str, credential: str | None) -> Answer:
     """202 while pending; then the answer exactly as the synchronous call would give it."""
     job = _owned(store, job_id, credential)
     if job.status == DONE and job.reply is not None:
-        return reply_answer(job.reply, job_id, "GET")
+        return reply_answer(job.reply, job.correlation_id, "GET")
     if job.expired:
         raise errors.GatewayError(504, "timeout", "the job did not finish before its deadline")
-    return json_answer(202, {"id": job_id, "status": job.status}, [("X-Correlation-ID", job_id)])
+    headers = [("X-Correlation-ID", job.correlation_id)]
+    return json_answer(202, {"id": job_id, "status": job.status}, headers)
 
 
 def delete(store: JobStore | None, job_id: str, credential: str | None) -> Answer:
     """Cancel a queued job (the worker will skip it) or forget a finished one."""
     job = _owned(store, job_id, credential)
     if job.status == DONE:
-        _forget(store, job_id)
+        _forget(store, job_id, job.correlation_id)
         metrics.jobs_total.labels(job.service, "forgotten").inc()
         return Answer(204)
     try:
-        cancelled = store.cancel(job_id) == QUEUED
+        cancelled = store.cancel(job) == QUEUED
     except redis.RedisError:
         raise store_unavailable() from None
     if not cancelled:
-        raise errors.GatewayError(409, "job-running", f"job {job_id!r} is already running")
+        raise errors.GatewayError(409, "job-running", "the job is already running")
     metrics.jobs_total.labels(job.service, CANCELLED).inc()
     return Answer(204)
 
 
 def _owned(store: JobStore | None, job_id: str, credential: str | None) -> Job:
     if store is None:
-        raise unknown_job(job_id)
+        raise unknown_job()
     try:
         job = store.get(job_id)
     except redis.RedisError:
         raise store_unavailable() from None
     if job is None or not job.owned_by(credential):
-        raise unknown_job(job_id)
+        raise unknown_job()
     return job
 
 
-def _forget(store: JobStore, job_id: str) -> None:
+def _forget(store: JobStore, job_id: str, correlation_id: str) -> None:
     try:
-        store.forget(job_id)
+        store.forget(job_id, correlation_id)
     except redis.RedisError:
         raise store_unavailable() from None

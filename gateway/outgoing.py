@@ -28,7 +28,7 @@ def envelope_of(
         path=request.path,
         query=request.query,
         headers=incoming.forwarded_headers(request.headers, request.environ),
-        body=incoming.read_body(request.environ, config.max_body_bytes),
+        body=incoming.read_body(request.environ, config.max_body_bytes, config.body_timeout),
         deadline=int((time.time() + wait) * 1000),
         job=job,
         callback=callback,

@@ -50,7 +50,7 @@ class ProxyRoute:
         return handle(self._gateway, environ, service, rest, query)(environ, start_response)
 
 
-def handle(gateway: Gateway, environ: dict, service: str, path: str, query: str) -> Answer:
+def handle(gateway: Gateway, environ: dict, service: str, path: str, query: str | None) -> Answer:
     """One request through the queue and back; every failure is the gateway's answer."""
     started = time.perf_counter()
     correlation_id = str(uuid.uuid4())

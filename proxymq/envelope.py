@@ -45,7 +45,8 @@ class RequestEnvelope:
     """One client request, as the downstream should see it.
 
     ``path`` and ``query`` are raw (still percent-encoded) so they reach the downstream
-    exactly as the client wrote them; ``headers`` are end-to-end headers only.
+    exactly as the client wrote them; ``query`` is None when the target had no ``?``
+    (``/x?`` and ``/x`` are different targets). ``headers`` are end-to-end headers only.
     ``deadline`` is epoch milliseconds: past it, no client waits for the answer.
     A ``job`` (``Prefer: respond-async``) stores its answer in the result store instead
     of replying, and optionally POSTs it to ``callback``.
@@ -54,7 +55,7 @@ class RequestEnvelope:
     service: str
     method: str
     path: str
-    query: str
+    query: str | None
     headers: Headers
     body: bytes
     deadline: int
@@ -94,7 +95,7 @@ class RequestEnvelope:
                 ("service", isinstance(wire["service"], str)),
                 ("method", wire["method"] in METHODS),
                 ("path", isinstance(wire["path"], str) and wire["path"].startswith("/")),
-                ("query", isinstance(wire["query"], str)),
+                ("query", wire["query"] is None or isinstance(wire["query"], str)),
                 ("headers", isinstance(headers, list) and all(map(_is_header, headers))),
                 ("body", isinstance(wire["body"], bytes)),
                 ("deadline", type(wire["deadline"]) is int),

@@ -1,9 +1,16 @@
 """Asynchronous jobs: their state in Redis, shared by every gateway process and worker.
 
-A job is one request sent with ``Prefer: respond-async``. Its id is the request's
-correlation id. The gateway creates the record and publishes the request as usual; the
-worker marks it running, then stores the reply; any gateway process or replica answers
-polls from Redis. One hash per job, ``proxymq:job:<id>``:
+A job is one request sent with ``Prefer: respond-async``. The gateway creates the record
+and publishes the request as usual; the worker marks it running, then stores the reply;
+any gateway process or replica answers polls from Redis.
+
+The job id is a secret of its own (``new_job_id``), not the request's correlation id: the
+correlation id travels in the message, reaches the downstream, Celery's task events,
+Flower and logs, so whoever sees any of those could read or cancel the job if it were
+the id. The job id is only ever in the 202 answer; Redis holds its SHA-256, which
+leads to the record (``proxymq:job-id:<sha256>`` -> correlation id), and the worker,
+which never learns the id, finds the record by the correlation id. One hash per job,
+``proxymq:job:<correlation id>``:
 
     status    queued | running | done | cancelled
     owner     sha256 of the submitter's auth header value ("" when it sent none)
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -59,6 +67,11 @@ return 0
 """
 
 
+def new_job_id() -> str:
+    """192 random bits, URL-safe: unguessable, and nothing else is derived from it."""
+    return secrets.token_urlsafe(24)
+
+
 def owner_hash(credential: str | None) -> str:
     """What binds a job to its submitter: a hash, so Redis never holds the secret."""
     return hashlib.sha256(credential.encode()).hexdigest() if credential else ""
@@ -66,7 +79,7 @@ def owner_hash(credential: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    id: str
+    correlation_id: str
     status: str
     owner: str
     service: str
@@ -90,23 +103,36 @@ class JobStore:
         self._finish = self._redis.register_script(_FINISH)
 
     @staticmethod
-    def key(job_id: str) -> str:
-        return f"proxymq:job:{job_id}"
+    def key(correlation_id: str) -> str:
+        return f"proxymq:job:{correlation_id}"
 
-    def create(self, job_id: str, service: str, owner: str, deadline: int) -> None:
-        key = self.key(job_id)
+    @staticmethod
+    def id_key(job_id: str) -> str:
+        return "proxymq:job-id:" + hashlib.sha256(job_id.encode()).hexdigest()
+
+    def create(
+        self, job_id: str, correlation_id: str, service: str, owner: str, deadline: int
+    ) -> None:
+        """The record and the id leading to it, both kept until the deadline plus the TTL
+        (a finished record then expires sooner, ``job_ttl`` after it finished)."""
+        key, id_key = self.key(correlation_id), self.id_key(job_id)
         fields = {"status": QUEUED, "owner": owner, "service": service, "deadline": deadline}
         pending_for = max(1, int(deadline / 1000 - time.time())) + self._ttl
         with self._redis.pipeline() as pipe:
-            pipe.hset(key, mapping=fields).expire(key, pending_for).execute()
+            pipe.hset(key, mapping=fields).expire(key, pending_for)
+            pipe.set(id_key, correlation_id, ex=pending_for).execute()
 
     def get(self, job_id: str) -> Job | None:
-        fields = self._redis.hgetall(self.key(job_id))
+        correlation_id = self._redis.get(self.id_key(job_id))
+        if correlation_id is None:
+            return None
+        correlation_id = correlation_id.decode()
+        fields = self._redis.hgetall(self.key(correlation_id))
         if not fields or fields.get(b"status", b"").decode() == CANCELLED:
             return None
         reply = fields.get(b"reply")
         return Job(
-            id=job_id,
+            correlation_id=correlation_id,
             status=fields[b"status"].decode(),
             owner=fields.get(b"owner", b"").decode(),
             service=fields.get(b"service", b"").decode(),
@@ -114,17 +140,22 @@ class JobStore:
             reply=decode_reply(reply) if reply else None,
         )
 
-    def start(self, job_id: str) -> bool:
+    # The worker's side, by correlation id (the worker never knows the job id).
+
+    def start(self, correlation_id: str) -> bool:
         """Mark the job running; False when it was cancelled, finished or forgotten."""
-        return bool(self._start(keys=[self.key(job_id)]))
+        return bool(self._start(keys=[self.key(correlation_id)]))
 
-    def finish(self, job_id: str, reply: ReplyEnvelope) -> bool:
-        return bool(self._finish(keys=[self.key(job_id)], args=[encode_reply(reply), self._ttl]))
+    def finish(self, correlation_id: str, reply: ReplyEnvelope) -> bool:
+        args = [encode_reply(reply), self._ttl]
+        return bool(self._finish(keys=[self.key(correlation_id)], args=args))
 
-    def cancel(self, job_id: str) -> str | None:
+    # The gateway's side, for a job it found with ``get``.
+
+    def cancel(self, job: Job) -> str | None:
         """Cancel a queued job; return the status it had (None when there was none)."""
-        status = self._cancel(keys=[self.key(job_id)], args=[self._ttl])
+        status = self._cancel(keys=[self.key(job.correlation_id)], args=[self._ttl])
         return status.decode() if status else None
 
-    def forget(self, job_id: str) -> None:
-        self._redis.delete(self.key(job_id))
+    def forget(self, job_id: str, correlation_id: str) -> None:
+        self._redis.delete(self.id_key(job_id), self.key(correlation_id))

@@ -253,3 +253,16 @@ def build_session(policy: AddressPolicy, pool_size: int, *, user_agent: str) -> 
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def connection(
+    scheme: str, host: str, port: int | None, policy: AddressPolicy, timeout: float
+) -> HTTPConnection:
+    """One guarded connection outside any pool, for a caller that must hold its socket
+    from the start (to cut a whole exchange off at a deadline, which per-read timeouts
+    cannot: a peer sending one byte per read never trips them). urllib3's connection
+    class still does TLS and certificate checks; ``read_socket`` is set on connect."""
+    kind = GuardedHTTPSConnection if scheme == "https" else GuardedHTTPConnection
+    opened = kind(host, port, timeout=timeout)
+    opened.address_policy = policy  # an instance attribute: not bound as a method
+    return opened

@@ -128,10 +128,14 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def gateway(self, workers: int = 1, ready_path: str = "/readyz", **env: str) -> Gateway:
+    def gateway(
+        self, *extra: str, workers: int = 1, ready_path: str = "/readyz", **env: str
+    ) -> Gateway:
+        """``gunicorn gateway:app -w <workers>``, with ``extra`` gunicorn arguments."""
         port = free_port()
         env.setdefault("PROXYMQ_GATEWAY_BIND", f"127.0.0.1:{port}")
-        process = self.run("gateway", ["gunicorn", "gateway:app", "-w", str(workers)], **env)
+        args = ["gunicorn", "gateway:app", "-w", str(workers), *extra]
+        process = self.run("gateway", args, **env)
         gateway = Gateway(process, f"http://127.0.0.1:{port}")
         self._await(
             process, lambda: requests.get(gateway.url + ready_path, timeout=1).ok, "gateway"
@@ -246,6 +250,7 @@ class Downstream:
     """A threaded HTTP server in the test process that records every request.
 
     Paths pick a behaviour: ``/sleep/<s>`` waits, ``/status/<code>`` answers that status,
+    ``/bytes/<n>`` answers n bytes with a Content-Length, ``/chunked-bytes/<n>`` chunked,
     ``/close`` drops the connection without answering, ``/health`` answers 200 or 503 as
     ``healthy`` says (and is not recorded); anything else echoes the body.
     """
@@ -298,6 +303,11 @@ class Downstream:
             environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
             environ["werkzeug.socket"].close()
             return []
+        if parts[0] in ("bytes", "chunked-bytes"):  # n bytes, with or without a length
+            size = int(parts[1])
+            if parts[0] == "bytes":
+                return Response(b"b" * size)(environ, start_response)
+            return Response(b"b" * 1000 for _ in range(size // 1000))(environ, start_response)
         status = int(parts[1]) if parts[0] == "status" else 200
         if parts[0] == "sized":  # a fixed body, so HEAD has a Content-Length to keep
             body = b"s" * 1234

@@ -54,7 +54,7 @@ def encode_item(item: Delivery) -> dict[str, Any]:
         "correlation_id": item.correlation_id,
         "method": request.method,
         "path": request.path,
-        "query": request.query,
+        "query": request.query or "",  # the contract's string: no "?" and "?" alike
         "headers": headers,
     }
     if not request.body:
@@ -67,17 +67,22 @@ def encode_item(item: Delivery) -> dict[str, Any]:
     return wire
 
 
-def call(http: requests.Session, batch: list[Delivery]) -> dict[str, ReplyEnvelope]:
-    """Every delivery's reply, keyed by correlation id; never raises."""
+def call(http: requests.Session, batch: list[Delivery], limit: int) -> dict[str, ReplyEnvelope]:
+    """Every delivery's reply, keyed by correlation id; never raises.
+
+    ``limit`` (``PROXYMQ_MAX_RESPONSE_BYTES``) bounds each item's body, as it bounds a
+    single call's answer; the batch answer as a whole may be twice the items' limits
+    (room for JSON escapes and base64), and beyond that is not read at all.
+    """
     try:
-        answers = _post(http, batch)
+        answers = _post(http, batch, limit)
     except BatchFailed as exc:
         return {item.correlation_id: exc.reply for item in batch}
     missing = bad_batch("the batch answer has no item for this request")
     return {item.correlation_id: answers.get(item.correlation_id, missing) for item in batch}
 
 
-def _post(http: requests.Session, batch: list[Delivery]) -> dict[str, ReplyEnvelope]:
+def _post(http: requests.Session, batch: list[Delivery], limit: int) -> dict[str, ReplyEnvelope]:
     """Send the batch; wait no longer than its latest deadline or ``downstream_timeout``."""
     service = batch[0].service
     deadlines = [item.request.deadline for item in batch]
@@ -93,8 +98,9 @@ def _post(http: requests.Session, batch: list[Delivery]) -> dict[str, ReplyEnvel
             headers=headers,
             timeout=seconds,
             allow_redirects=False,
+            stream=True,
         )
-        content = response.content
+        content = _read_capped(response, 2 * limit * len(batch))
     except forwarding.FAILURES as exc:
         reply = forwarding.failure(exc, deadline_bound, f"batch call to {service.name}")
         if reply.error != "timeout":
@@ -108,10 +114,22 @@ def _post(http: requests.Session, batch: list[Delivery]) -> dict[str, ReplyEnvel
         raise BatchFailed(bad_batch("the batch answer is not JSON")) from None
     if not isinstance(payload, list):
         raise BatchFailed(bad_batch("the batch answer is not a JSON array"))
-    return parse_answer(payload)
+    return parse_answer(payload, limit)
 
 
-def parse_answer(payload: list) -> dict[str, ReplyEnvelope]:
+def _read_capped(response: requests.Response, cap: int) -> bytes:
+    """The answer's body, or ``BatchFailed`` (response-too-large) past ``cap`` bytes."""
+    with response:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise BatchFailed(forwarding.too_large(cap))
+        content = response.raw.read(cap + 1, decode_content=True)
+    if len(content) > cap:
+        raise BatchFailed(forwarding.too_large(cap))
+    return content
+
+
+def parse_answer(payload: list, limit: int) -> dict[str, ReplyEnvelope]:
     """Replies by correlation id. An element without a usable ``correlation_id`` is
     skipped (its request then counts as missing); a malformed element with one becomes
     that request's 502. The first element for a correlation id wins."""
@@ -123,9 +141,10 @@ def parse_answer(payload: list) -> dict[str, ReplyEnvelope]:
         if not isinstance(correlation_id, str) or correlation_id in replies:
             continue
         try:
-            replies[correlation_id] = _reply(element)
+            reply = _reply(element)
         except ValueError as exc:
-            replies[correlation_id] = bad_batch(f"malformed answer item: {exc}")
+            reply = bad_batch(f"malformed answer item: {exc}")
+        replies[correlation_id] = forwarding.too_large(limit) if len(reply.body) > limit else reply
     return replies
 
 

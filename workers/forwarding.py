@@ -75,6 +75,17 @@ def timed_out() -> ReplyEnvelope:
     )
 
 
+def too_large(limit: int) -> ReplyEnvelope:
+    """The reply for an answer over ``PROXYMQ_MAX_RESPONSE_BYTES``: final, like any other
+    reply, so the downstream is called once, not again on every redelivery (and a reply
+    the broker would refuse as too big is never built)."""
+    return ReplyEnvelope(
+        status=502,
+        error="response-too-large",
+        message=f"the downstream's answer is over the limit of {limit} bytes",
+    )
+
+
 def budget(service: ServiceConfig, deadline_ms: int) -> tuple[float, bool]:
     """Seconds the call may take, and whether the deadline (not the service's own
     ``downstream_timeout``) is what bounds it."""
@@ -146,17 +157,18 @@ def _dropped(connection: http.client.HTTPConnection) -> bool:
         return True
 
 
-def call(connections: Connections, delivery: Delivery) -> ReplyEnvelope:
+def call(connections: Connections, delivery: Delivery, limit: int) -> ReplyEnvelope:
     """Call the downstream once; never raises for a downstream failure.
 
     The target is the downstream URL's path plus the client's path and query, exactly
     as sent. The body is read raw (not decompressed), so it reaches the client byte for
-    byte, as do the headers, in order and repeated.
+    byte, as do the headers, in order and repeated. An answer over ``limit`` bytes is
+    not read further: its connection is dropped and the reply is 502.
     """
     service, request = delivery.service, delivery.request
     base = urlsplit(service.downstream_url)
     target = base.path.rstrip("/") + request.path
-    if request.query:
+    if request.query is not None:
         target += "?" + request.query
     seconds, deadline_bound = budget(service, request.deadline)
     if seconds <= 0:
@@ -171,8 +183,16 @@ def call(connections: Connections, delivery: Delivery) -> ReplyEnvelope:
             connection.putheader("Content-Length", str(len(request.body)))
         connection.endheaders(request.body or None)
         response = connection.getresponse()
-        body = response.read()
+        # ``length`` is the declared Content-Length (None when chunked, 0 for HEAD).
+        declared = response.length
+        body = b"" if declared is not None and declared > limit else response.read(limit + 1)
         headers = response.getheaders()
+        if len(body) > limit or (declared is not None and declared > limit):
+            connections.discard(base)
+            log.warning(
+                "call %s to %s: answer over %d bytes", delivery.correlation_id, service.name, limit
+            )
+            return too_large(limit)
         if response.will_close:
             connections.discard(base)
     except (http.client.HTTPException, OSError) as exc:

@@ -224,10 +224,13 @@ class Pipeline:
         replies: dict[str, ReplyEnvelope] = {}
         if live:
             call_started = time.perf_counter()
+            limit = runtime.config.max_response_bytes
             if service.batch_url:
-                replies = batch_call.call(runtime.http, live)
+                replies = batch_call.call(runtime.http, live, limit)
             else:
-                replies = {d.correlation_id: forwarding.call(runtime.connections, d) for d in live}
+                replies = {
+                    d.correlation_id: forwarding.call(runtime.connections, d, limit) for d in live
+                }
             metrics.downstream_duration.labels(service.name).observe(
                 time.perf_counter() - call_started
             )

@@ -22,8 +22,11 @@ DEAD_SUFFIX = ".dead"
 
 def properties_of(message) -> dict:
     """A received message's AMQP properties, to publish it again as it came (its headers
-    travel separately)."""
-    return {k: v for k, v in message.properties.items() if k != "application_headers"}
+    travel separately). Without ``user_id``: the broker checks that property against the
+    publishing connection's user, and the worker is now the publisher."""
+    return {
+        k: v for k, v in message.properties.items() if k not in ("application_headers", "user_id")
+    }
 
 
 class Publisher:
@@ -31,6 +34,10 @@ class Publisher:
         """``connection``: the consumer's Kombu connection, already connected."""
         self._channel = connection.channel()
         self._confirms = ConfirmTracker(self._channel)
+        # Replies carry the broker user they are published as. RabbitMQ refuses a
+        # ``user_id`` that is not the connection's own, so a gateway can trust it
+        # (``PROXYMQ_REPLY_USERS``) where it could not trust a header.
+        self._user_id = connection.userid
 
     def __len__(self) -> int:
         """Publishes the broker has not confirmed yet."""
@@ -61,6 +68,7 @@ class Publisher:
             "content_type": CONTENT_TYPE,
             "content_encoding": CONTENT_ENCODING,
             "delivery_mode": 1,
+            "user_id": self._user_id,
         }
         self.publish(reply_to, encode_reply(reply), {}, properties, settled)
 

@@ -16,6 +16,8 @@ CHART = DEPLOY / "helm" / "proxymq"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "proxymq.json"
 COMPOSE = REPO / "compose.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+BROKER_START = CHART / "files" / "rabbitmq-start.sh"
 
 
 def find_tool(name: str, hint: str) -> str:
@@ -30,10 +32,16 @@ def find_tool(name: str, hint: str) -> str:
 
 
 def run(
-    cmd: list[str], *, timeout: float = 60, cwd: Path | None = None
+    cmd: list[str], *, timeout: float = 60, cwd: Path | None = None, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, check=False
+        cmd,
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
     )
 
 

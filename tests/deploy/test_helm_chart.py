@@ -5,13 +5,15 @@ against minimal schemas below."""
 
 from __future__ import annotations
 
+import re
 import shutil
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
-from .conftest import CHART, describe, run
+from .conftest import BROKER_START, CHART, describe, run
 
 pytestmark = pytest.mark.deploy
 
@@ -60,7 +62,6 @@ _RABBITMQ_TRIGGER = _closed(
                 "mode": {"enum": ["QueueLength", "MessageRate"]},
                 "queueName": {"type": "string", "pattern": "_requests$"},
                 "value": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"},
-                "hostFromEnv": _STR,
                 "vhostName": {"type": "string"},
             },
             "queueName",
@@ -70,6 +71,8 @@ _RABBITMQ_TRIGGER = _closed(
     },
     "type",
     "metadata",
+    # the monitoring user's credentials, never the worker container's (hostFromEnv)
+    "authenticationRef",
 )
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): _resource(
@@ -208,13 +211,22 @@ def check_references(docs: list[dict]) -> None:
         target = deployments[so["spec"]["scaleTargetRef"]["name"]]
         assert "replicas" not in target["spec"], "KEDA-scaled Deployment must not set replicas"
         for trigger in so["spec"]["triggers"]:
-            if "authenticationRef" in trigger:
-                assert trigger["authenticationRef"]["name"] in auths
-            else:
-                env_names = {
-                    e["name"] for e in target["spec"]["template"]["spec"]["containers"][0]["env"]
-                }
-                assert trigger["metadata"]["hostFromEnv"] in env_names
+            auth = auths[trigger["authenticationRef"]["name"]]
+            assert "hostFromEnv" not in trigger["metadata"]
+            [ref] = auth["spec"]["secretTargetRef"]
+            assert ref["parameter"] == "host"
+            if ref["name"] in secrets:
+                assert ref["key"] == "monitoring-url", ref
+                assert urlsplit(secrets[ref["name"]]["stringData"][ref["key"]]).username in (
+                    "monitoring",
+                    None,
+                )
+            worker_ref = env_of(target)["PROXYMQ_BROKER_URL"]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) != (worker_ref["name"], worker_ref["key"])
+
+
+def env_of(obj: dict, container: int = 0) -> dict[str, dict]:
+    return {e["name"]: e for e in obj["spec"]["template"]["spec"]["containers"][container]["env"]}
 
 
 def test_default_values_minimal_install():
@@ -244,8 +256,22 @@ def test_default_values_minimal_install():
     ]
     env = {e["name"]: e for e in worker["env"]}
     assert env["PROXYMQ_CONFIG"]["value"] == "/etc/proxymq/proxymq.toml"
-    assert env["PROXYMQ_BROKER_URL"]["valueFrom"]["secretKeyRef"]["key"] == "PROXYMQ_BROKER_URL"
+    assert env["PROXYMQ_BROKER_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{RELEASE}-broker",
+        "key": "workers-url",
+    }
     assert env["PROXYMQ_QUEUE_TYPE"]["value"] == "classic"
+    assert "PROXYMQ_RESULT_URL" not in env and "PROXYMQ_BROKER_CA_FILE" not in env
+    gateway_env = {e["name"]: e for e in gateway["env"]}
+    assert gateway_env["PROXYMQ_BROKER_URL"]["valueFrom"]["secretKeyRef"]["key"] == "gateway-url"
+    assert gateway_env["PROXYMQ_REPLY_USERS"]["value"] == "workers"
+    secret = by_kind(docs, "Secret")[f"{RELEASE}-broker"]["stringData"]
+    for role in ("gateway", "workers", "monitoring"):
+        url = urlsplit(secret[f"{role}-url"])
+        assert url.username == role and url.password == secret[f"RABBITMQ_{role.upper()}_PASSWORD"]
+        assert url.hostname == f"{RELEASE}-rabbitmq.{NAMESPACE}.svc"  # KEDA runs elsewhere
+        assert len(url.password) >= 24
+    assert not by_kind(docs, "NetworkPolicy") and not by_kind(docs, "TriggerAuthentication")
     assert set(by_kind(docs, "StatefulSet")) == {f"{RELEASE}-rabbitmq"}
     assert by_kind(docs, "PodDisruptionBudget")
     toml = by_kind(docs, "ConfigMap")[f"{RELEASE}-config"]["data"]["proxymq.toml"]
@@ -286,29 +312,196 @@ def test_all_options():
     assert gateway_env["PROXYMQ_SERVICES"] == "url_fetcher,url_fetcher_batch,model,legacy"
 
 
-def test_external_broker_uses_quorum_queues():
+def test_external_broker_uses_quorum_queues_and_a_secret_per_role():
     docs = render(load_values(CHART / "ci" / "external-broker-values.yaml"))
-    assert not by_kind(docs, "StatefulSet") and not by_kind(docs, "Secret")
-    for dep in by_kind(docs, "Deployment").values():
-        env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not by_kind(docs, "StatefulSet")
+    assert set(by_kind(docs, "Secret")) == {f"{RELEASE}-jobs"}  # no broker URL in the chart
+    deployments = by_kind(docs, "Deployment")
+    expected = {
+        f"{RELEASE}-gateway": {"name": "proxymq-gateway-broker", "key": "url"},
+        f"{RELEASE}-worker-orders": {"name": "proxymq-workers-broker", "key": "amqp-url"},
+        f"{RELEASE}-worker-search": {"name": "proxymq-workers-broker", "key": "amqp-url"},
+    }
+    for name, dep in deployments.items():
+        env = env_of(dep)
         assert env["PROXYMQ_QUEUE_TYPE"]["value"] == "quorum"
-        assert env["PROXYMQ_BROKER_URL"]["valueFrom"]["secretKeyRef"] == {
-            "name": "proxymq-rabbitmq-url",
-            "key": "url",
+        assert env["PROXYMQ_BROKER_URL"]["valueFrom"]["secretKeyRef"] == expected[name]
+        assert env["PROXYMQ_RESULT_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"{RELEASE}-jobs",
+            "key": "PROXYMQ_RESULT_URL",
         }
+        assert ("PROXYMQ_CALLBACK_SECRET" in env) is ("worker" in name)
+    assert env_of(deployments[f"{RELEASE}-gateway"])["PROXYMQ_REPLY_USERS"]["value"] == (
+        "proxymq-workers"
+    )
+    [auth] = by_kind(docs, "TriggerAuthentication").values()
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "host", "name": "proxymq-monitoring-broker", "key": "url"}
+    ]
+    jobs = by_kind(docs, "Secret")[f"{RELEASE}-jobs"]["stringData"]
+    assert jobs == {
+        "PROXYMQ_RESULT_URL": "redis://redis.shop.svc:6379/0",
+        "PROXYMQ_CALLBACK_SECRET": "not-a-real-key",
+    }
 
 
-def test_external_broker_url_secret():
+def test_external_broker_urls_in_values_go_to_the_chart_secret():
     docs = render(
         {
             "broker": {
                 "bundled": {"enabled": False},
-                "external": {"url": "amqp://u:p@rabbit.example:5672/%2F"},
+                "gateway": {"url": "amqp://gw:p1@rabbit.example:5672/%2F"},
+                "workers": {"url": "amqp://wk:p2@rabbit.example:5672/%2F"},
             }
         }
     )
     secret = by_kind(docs, "Secret")[f"{RELEASE}-broker"]
-    assert secret["stringData"] == {"PROXYMQ_BROKER_URL": "amqp://u:p@rabbit.example:5672/%2F"}
+    assert secret["stringData"] == {
+        "gateway-url": "amqp://gw:p1@rabbit.example:5672/%2F",
+        "workers-url": "amqp://wk:p2@rabbit.example:5672/%2F",
+    }
+    assert "PROXYMQ_REPLY_USERS" not in env_of(by_kind(docs, "Deployment")[f"{RELEASE}-gateway"])
+
+
+SECRET_SETTINGS = [
+    # values, deployment, env name, expected secretKeyRef
+    (
+        {
+            "broker": {
+                "bundled": {"enabled": False},
+                "gateway": {"existingSecret": "gw"},
+                "workers": {"existingSecret": "wk", "existingSecretKey": "u"},
+            }
+        },
+        "gateway",
+        "PROXYMQ_BROKER_URL",
+        {"name": "gw", "key": "url"},
+    ),
+    (
+        {
+            "broker": {
+                "bundled": {"enabled": False},
+                "gateway": {"existingSecret": "gw"},
+                "workers": {"existingSecret": "wk", "existingSecretKey": "u"},
+            }
+        },
+        "worker-url-fetcher",
+        "PROXYMQ_BROKER_URL",
+        {"name": "wk", "key": "u"},
+    ),
+    (
+        {"jobs": {"resultUrl": {"existingSecret": "redis", "existingSecretKey": "url"}}},
+        "gateway",
+        "PROXYMQ_RESULT_URL",
+        {"name": "redis", "key": "url"},
+    ),
+    (
+        {"jobs": {"resultUrl": {"existingSecret": "redis"}}},
+        "worker-url-fetcher",
+        "PROXYMQ_RESULT_URL",
+        {"name": "redis", "key": "PROXYMQ_RESULT_URL"},
+    ),
+    (
+        {"jobs": {"callbackSecret": {"existingSecret": "cb", "existingSecretKey": "k"}}},
+        "worker-url-fetcher",
+        "PROXYMQ_CALLBACK_SECRET",
+        {"name": "cb", "key": "k"},
+    ),
+]
+
+
+@pytest.mark.parametrize("values, deployment, name, ref", SECRET_SETTINGS)
+def test_existing_secret_renders_secret_key_ref(values, deployment, name, ref):
+    docs = render(values)
+    env = env_of(by_kind(docs, "Deployment")[f"{RELEASE}-{deployment}"])
+    assert env[name] == {"name": name, "valueFrom": {"secretKeyRef": ref}}
+    secrets = by_kind(docs, "Secret")
+    for secret in secrets.values():  # the value itself is nowhere in the chart
+        assert name not in secret["stringData"]
+    if name == "PROXYMQ_BROKER_URL":
+        assert f"{RELEASE}-broker" not in secrets
+
+
+def test_secret_values_never_render_as_plain_env():
+    docs = render(load_values(CHART / "ci" / "external-broker-values.yaml"))
+    for dep in by_kind(docs, "Deployment").values():
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            for env in container.get("env", []):
+                if env["name"] in (
+                    "PROXYMQ_BROKER_URL",
+                    "PROXYMQ_RESULT_URL",
+                    "PROXYMQ_CALLBACK_SECRET",
+                ):
+                    assert "value" not in env and "secretKeyRef" in env["valueFrom"], env
+
+
+def test_broker_tls_secret_is_mounted_as_files():
+    docs = render({"broker": {"tls": {"existingSecret": "broker-tls"}}})
+    for dep in (d for n, d in by_kind(docs, "Deployment").items() if "fetcher" not in n):
+        pod = dep["spec"]["template"]["spec"]
+        [volume] = [v for v in pod["volumes"] if v["name"] == "broker-tls"]
+        assert volume["secret"]["secretName"] == "broker-tls"
+        assert {i["key"] for i in volume["secret"]["items"]} == {"ca.crt", "tls.crt", "tls.key"}
+        assert volume["secret"]["defaultMode"] == 0o440
+        [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "broker-tls"]
+        assert mount["readOnly"] is True
+        directory = mount["mountPath"]
+        env = env_of(dep)
+        assert env["PROXYMQ_BROKER_CA_FILE"]["value"] == f"{directory}/ca.crt"
+        assert env["PROXYMQ_BROKER_CERT_FILE"]["value"] == f"{directory}/tls.crt"
+        assert env["PROXYMQ_BROKER_KEY_FILE"]["value"] == f"{directory}/tls.key"
+    docs = render({"broker": {"tls": {"existingSecret": "ca-only", "clientCertificate": False}}})
+    env = env_of(by_kind(docs, "Deployment")[f"{RELEASE}-gateway"])
+    assert "PROXYMQ_BROKER_CA_FILE" in env and "PROXYMQ_BROKER_CERT_FILE" not in env
+
+
+def test_network_policies_when_enabled(tmp_path, kubernetes_validate):
+    docs = render({"networkPolicy": {"enabled": True}})
+    validate_builtin(docs, tmp_path, kubernetes_validate)
+    policies = by_kind(docs, "NetworkPolicy")
+    assert set(policies) == {f"{RELEASE}-{n}" for n in ("gateway", "worker", "fetcher", "broker")}
+    gateway = policies[f"{RELEASE}-gateway"]["spec"]
+    assert gateway["policyTypes"] == ["Ingress", "Egress"]
+    [rule] = gateway["ingress"]
+    assert "from" not in rule and rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    worker = policies[f"{RELEASE}-worker"]["spec"]
+    [rule] = worker["ingress"]
+    assert rule["ports"] == [{"port": 8001, "protocol": "TCP"}] and rule["from"]
+    egress_ports = {p["port"] for r in worker["egress"] for p in r["ports"]}
+    assert egress_ports == {53, 5672, 8080}  # DNS, the broker, the fetcher
+    broker = policies[f"{RELEASE}-broker"]["spec"]
+    assert {p["port"] for r in broker["ingress"] for p in r["ports"]} == {5672, 15692}
+    # every policy selects pods of this release that exist
+    pods = [
+        d["spec"]["template"]["metadata"]["labels"]
+        for d in (by_kind(docs, "Deployment") | by_kind(docs, "StatefulSet")).values()
+    ]
+    for policy in policies.values():
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert any(selector.items() <= labels.items() for labels in pods), policy["metadata"]
+    external = render(load_values(CHART / "ci" / "external-broker-values.yaml"))
+    worker = by_kind(external, "NetworkPolicy")[f"{RELEASE}-worker"]["spec"]
+    assert {p["port"] for r in worker["egress"] for p in r["ports"]} == {53, 5672, 5671, 8080, 80}
+
+
+@pytest.mark.parametrize("values_file", CASES, ids=lambda p: p.name if p else "default-values")
+def test_no_guest_and_no_admin_user(values_file):
+    docs = render(load_values(values_file))
+    text = yaml.safe_dump_all(docs)
+    assert not re.search(r"guest[:@]|//guest|loopback_users\.guest = false", text)
+    assert "RABBITMQ_DEFAULT_USER" not in text and "RABBITMQ_DEFAULT_PASS" not in text
+    for sts in by_kind(docs, "StatefulSet").values():
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"] == ["bash", "/opt/proxymq/rabbitmq-start.sh"]
+        assert "proxymq-users-ready" in " ".join(container["readinessProbe"]["exec"]["command"])
+        assert set(env_of(sts)) == {
+            "RABBITMQ_GATEWAY_PASSWORD",
+            "RABBITMQ_WORKERS_PASSWORD",
+            "RABBITMQ_MONITORING_PASSWORD",
+        }
+    for cm in by_kind(docs, "ConfigMap").values():
+        if "rabbitmq-start.sh" in cm["data"]:  # the very script compose.yml runs
+            assert cm["data"]["rabbitmq-start.sh"] == BROKER_START.read_text()
 
 
 @pytest.mark.parametrize(
@@ -321,6 +514,24 @@ def test_external_broker_url_secret():
         ({"broker": {"bundled": {"enabled": False}}}, "broker"),
         ({"fetcher": {"enabled": False}}, "needs downstreamUrl"),
         ({"workers": [{"name": "a", "config": {"batchSize": 3}}]}, "lower_snake_case"),
+        ({"broker": {"gateway": {"url": "amqp://g:p@x//"}}}, "bundled broker makes its own"),
+        (
+            {"broker": {"bundled": {"enabled": False}, "gateway": {"existingSecret": "g"}}},
+            "broker.workers",
+        ),
+        (
+            {
+                "broker": {
+                    "bundled": {"enabled": False},
+                    "gateway": {"existingSecret": "g"},
+                    "workers": {"existingSecret": "w"},
+                },
+                "workerDefaults": {"keda": {"enabled": True}},
+            },
+            "broker.monitoring",
+        ),
+        ({"broker": {"existingSecret": "old"}}, "additional properties 'existingSecret'"),
+        ({"keda": {"useTriggerAuthentication": False}}, "additional properties 'keda'"),
     ],
 )
 def test_bad_values_fail_rendering(values, message):

@@ -4,7 +4,8 @@ The batch downstream is an HTTP server in the test process that records every ba
 call (its items, how many calls were in flight at once) and answers per SPEC.md's batch
 contract. Item paths pick a behaviour: ``/slow/<s>`` makes the whole call wait,
 ``/missing`` leaves the item out of the answer, ``/fail-batch``, ``/malformed`` and
-``/not-array`` break the whole answer; anything else echoes the item's body.
+``/not-array`` break the whole answer, ``/big/<n>`` answers n bytes; anything else echoes
+the item's body.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def _echo(item: dict) -> dict:
         "status": 200,
         "headers": {"content-type": "text/plain", "x-item-path": item["path"]},
     }
-    if "body_base64" in item:
+    if item["path"].startswith("/big/"):
+        answer["body"] = "b" * int(item["path"].split("/")[2])
+    elif "body_base64" in item:
         answer["body_base64"] = item["body_base64"]
     else:
         answer["body"] = item["body"]
@@ -402,5 +405,25 @@ def test_a_job_on_a_batch_service_is_stored_and_a_cancelled_one_skipped(stack, b
     )
     assert (answers[-1].status_code, answers[-1].content) == (200, b"stored")
     seen = {item["correlation_id"] for item in batch_downstream.items()}
-    assert accepted.json()["id"] in seen
-    assert cancelled.json()["id"] not in seen
+    assert accepted.headers["X-Correlation-ID"] in seen
+    assert cancelled.headers["X-Correlation-ID"] not in seen
+
+
+def test_an_item_over_the_response_limit_is_502_for_it_alone(stack, gateway, batch_downstream):
+    service = unique_service("batchbig")
+    batch_worker(
+        stack,
+        service,
+        batch_downstream.url,
+        PROXYMQ_BATCH_WAIT_MS="1000",
+        PROXYMQ_MAX_RESPONSE_BYTES="1000",
+    )
+    big, small = concurrently(
+        [lambda: post(gateway, service, "/big/1500"), lambda: post(gateway, service, "/x", b"s")]
+    )
+    assert (big.status_code, big.headers["X-ProxyMQ-Error"]) == (502, "response-too-large")
+    assert (small.status_code, small.content) == (200, b"s")
+    # An answer larger than twice the batch's limits is not read at all.
+    huge = post(gateway, service, "/big/100000")
+    assert (huge.status_code, huge.headers["X-ProxyMQ-Error"]) == (502, "response-too-large")
+    assert len([i for i in batch_downstream.items() if i["path"] == "/big/100000"]) == 1

@@ -3,13 +3,21 @@ worker: what the client, the downstream and the logs see (issue: hostile input).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
+import subprocess
 import threading
 import time
+import uuid
 
+import amqp
+import kombu
 import pytest
 import requests
-from stack import free_port, unique_service
+from stack import BROKER_URL, free_port, unique_service, wait_for
+
+from proxymq.envelope import ReplyEnvelope, encode_reply
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +195,166 @@ def test_dot_segments_that_stay_inside_reach_the_downstream_as_sent(gateway, ser
     head = answer.split(b"\r\n\r\n", 1)[0]
     assert head.startswith(b"HTTP/1.1 200")
     assert b"X-Echo-Uri: /a/../b/%2e" in head
+
+
+@pytest.mark.parametrize("framing", ["bytes", "chunked-bytes"])
+def test_an_answer_over_the_response_limit_is_502_and_the_downstream_called_once(
+    stack, downstream, framing
+):
+    service = unique_service("big")
+    stack.worker(service, downstream.url, PROXYMQ_MAX_RESPONSE_BYTES="5000")
+    gateway = stack.gateway()
+    response = requests.get(f"{gateway.url}/{service}/{framing}/30000", timeout=30)
+    assert response.status_code == 502
+    assert response.headers["X-ProxyMQ-Error"] == "response-too-large"
+    assert len(downstream.requests_for(response.headers["X-Correlation-ID"])) == 1
+    # At the limit exactly it passes, and the worker's connection is still good.
+    fits = requests.get(f"{gateway.url}/{service}/{framing}/5000", timeout=30)
+    assert (fits.status_code, len(fits.content)) == (200, 5000)
+
+
+@pytest.fixture
+def intruder():
+    """A second broker user, with every permission on the vhost: someone who can read
+    the request queues (a monitoring tool, a compromised service)."""
+    name, password = f"intruder-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_user", name, password], check=True, capture_output=True)
+    subprocess.run(
+        [*ctl, "set_permissions", "-p", "/", name, ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    yield name, BROKER_URL.replace("guest:guest", f"{name}:{password}")
+    subprocess.run([*ctl, "delete_user", name], capture_output=True)
+
+
+def forge_replies(url: str, queue: str, user_id: str | None, stop: threading.Event) -> None:
+    """Take requests off ``queue`` and answer each with a forged 200."""
+    forged = encode_reply(ReplyEnvelope(status=200, body=b"forged"))
+    with kombu.Connection(url) as connection:
+        channel = connection.default_channel
+
+        def answer(message) -> None:
+            extra = {"user_id": user_id} if user_id else {}
+            channel.basic_publish(
+                amqp.Message(forged, correlation_id=message.properties["correlation_id"], **extra),
+                routing_key=message.properties["reply_to"],
+            )
+            message.ack()
+
+        with kombu.Consumer(channel, [kombu.Queue(queue, no_declare=True)], callbacks=[]) as c:
+            c.on_message = answer
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    connection.drain_events(timeout=0.2)
+
+
+@pytest.mark.parametrize("claimed", [None, "own-name"], ids=["no-user-id", "own-user-id"])
+def test_replies_from_other_broker_users_are_dropped(stack, downstream, intruder, claimed):
+    name, url = intruder
+    service = unique_service("forged")
+    stack.worker(service, downstream.url).stop()  # declares the queue, then leaves it
+    trusting = stack.gateway()
+    guarded = stack.gateway(PROXYMQ_REPLY_USERS="guest")
+    stop = threading.Event()
+    user_id = name if claimed else None
+    forger = threading.Thread(
+        target=forge_replies, args=(url, f"{service}_requests", user_id, stop)
+    )
+    forger.start()
+    try:
+        # The attack works where replies are not checked ...
+        fooled = requests.get(f"{trusting.url}/{service}/x", timeout=10)
+        assert (fooled.status_code, fooled.content) == (200, b"forged")
+        # ... and not where they are: the forged reply is dropped, the client waits.
+        refused = requests.get(
+            f"{guarded.url}/{service}/x", headers={"X-ProxyMQ-Timeout": "2"}, timeout=10
+        )
+        assert (refused.status_code, refused.headers["X-ProxyMQ-Error"]) == (504, "timeout")
+        assert repr(user_id) in guarded.process.log()
+    finally:
+        stop.set()
+        forger.join()
+    # The real worker's replies carry its broker user, checked by the broker.
+    stack.worker(service, downstream.url)
+    real = requests.get(f"{guarded.url}/{service}/x", timeout=10)
+    assert (real.status_code, real.headers["X-Echo-Uri"]) == (200, "/x")
+
+
+def test_the_broker_refuses_a_reply_claiming_another_user(intruder):
+    _, url = intruder
+    with kombu.Connection(url) as connection:
+        channel = connection.channel()
+        channel.basic_publish(amqp.Message(b"x", user_id="guest"), routing_key="nowhere")
+        with pytest.raises(amqp.exceptions.PreconditionFailed):
+            channel.basic_qos(0, 1, False)  # the next round trip reports the refusal
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_that_trickles_in_is_408_after_the_body_timeout(stack, downstream, framing):
+    service = unique_service("slowbody")
+    stack.worker(service, downstream.url)
+    gateway = stack.gateway(PROXYMQ_BODY_TIMEOUT="1")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    framed = "Content-Length: 100" if framing == "length" else "Transfer-Encoding: chunked"
+    before = len(downstream.seen)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /{service}/x HTTP/1.1\r\nHost: a\r\n{framed}\r\n\r\n".encode())
+        started = time.monotonic()
+        sock.setblocking(False)
+        answer = b""
+        while not answer and time.monotonic() - started < 8:
+            with contextlib.suppress(OSError):
+                sock.send(b"1\r\nx\r\n" if framing == "chunked" else b"x")  # a byte at a time
+            time.sleep(0.25)
+            with contextlib.suppress(BlockingIOError):
+                answer = sock.recv(4096)
+        took = time.monotonic() - started
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert b"X-ProxyMQ-Error: body-timeout" in head
+    assert 0.9 < took < 3
+    assert len(downstream.seen) == before
+
+
+def test_client_values_are_escaped_in_the_access_log_and_job_ids_never_written(stack, downstream):
+    service = unique_service("logs")
+    stack.worker(service, downstream.url, PROXYMQ_RESULT_URL="redis://127.0.0.1:6379/0")
+    gateway = stack.gateway(
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        '"%(r)s" %(U)s %(q)s "%(a)s"',
+        PROXYMQ_RESULT_URL="redis://127.0.0.1:6379/0",
+    )
+    request = (
+        f"GET /{service}/a%0d%0aFORGED-PATH?q=%0d%0aFORGED-QUERY HTTP/1.1\r\nHost: a\r\n"
+        'User-Agent: agent" \\ red\r\n\r\n'
+    ).encode()
+    assert raw_exchange(gateway, request).startswith(b"HTTP/1.1 200")
+    accepted = requests.post(
+        f"{gateway.url}/{service}/x", headers={"Prefer": "respond-async"}, timeout=10
+    )
+    job_id = accepted.json()["id"]
+    wait_for(
+        lambda: requests.get(gateway.url + accepted.headers["Location"]).status_code == 200,
+        10,
+        "the job",
+    )
+    wait_for(lambda: "/jobs/" in gateway.process.log(), 5, "the access log")
+    log = gateway.process.log()
+    assert "a\\r\\nFORGED-PATH" in log  # the decoded path, escaped
+    assert not any(line.startswith("FORGED") for line in log.splitlines())
+    assert 'agent\\" \\\\ red' in log  # a quote cannot end the field early
+    assert job_id not in log
+
+
+def test_requests_gunicorn_refuses_get_the_gateways_json_error(gateway, service):
+    answer = raw_exchange(
+        gateway, f"GET /{service}/x HTTP/1.1\r\nHost: a\r\nX-Bad: \x1b[31m\r\n\r\n".encode()
+    )
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"X-ProxyMQ-Error: bad-request" in head
+    assert json.loads(body)["error"] == "bad-request"

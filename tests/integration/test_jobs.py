@@ -3,13 +3,17 @@
 import hashlib
 import hmac
 import json
+import re
 import signal
+import socket
+import threading
 import time
 
+import kombu
 import pytest
 import redis
 import requests
-from stack import unique_service, wait_for
+from stack import BROKER_URL, TaskEventsTap, free_port, unique_service, wait_for
 
 RESULT_URL = "redis://127.0.0.1:6379/0"
 ASYNC = {"Prefer": "respond-async"}
@@ -66,8 +70,9 @@ def test_job_answers_202_then_exactly_what_the_synchronous_call_gives(stack, gat
     answer = poll_until_done(gateway, accepted.headers["Location"])
     assert (answer.status_code, answer.content) == (200, b"payload")
     assert answer.headers["X-Echo-Method"] == "POST"
-    assert answer.headers["X-Correlation-ID"] == job_id
-    assert len(downstream.requests_for(job_id)) == 1
+    correlation_id = accepted.headers["X-Correlation-ID"]
+    assert answer.headers["X-Correlation-ID"] == correlation_id
+    assert len(downstream.requests_for(correlation_id)) == 1
     synchronous = requests.post(f"{gateway.url}/{service}/sleep/0.5", data=b"payload")
     assert synchronous.content == answer.content
     assert synchronous.headers["Set-Cookie"] == answer.headers["Set-Cookie"]
@@ -96,13 +101,13 @@ def test_only_the_submitter_can_read_or_cancel_and_redis_holds_no_secret(
     worker(stack, service, downstream)
     accepted = submit(gateway, service, "/x", Authorization="Bearer alice-secret")
     location = accepted.headers["Location"]
-    job_id = accepted.json()["id"]
+    correlation_id = accepted.headers["X-Correlation-ID"]
     for headers in ({}, {"Authorization": "Bearer mallory"}):
         assert requests.get(gateway.url + location, headers=headers).status_code == 404
         assert requests.delete(gateway.url + location, headers=headers).status_code == 404
     answer = poll_until_done(gateway, location, Authorization="Bearer alice-secret")
     assert answer.status_code == 200
-    stored = redis.Redis.from_url(RESULT_URL).hgetall(f"proxymq:job:{job_id}")
+    stored = redis.Redis.from_url(RESULT_URL).hgetall(f"proxymq:job:{correlation_id}")
     assert b"alice-secret" not in b"".join(stored.values())
     assert stored[b"owner"] == hashlib.sha256(b"Bearer alice-secret").hexdigest().encode()
 
@@ -117,7 +122,7 @@ def test_cancelled_queued_job_never_reaches_the_downstream(stack, gateway, downs
     worker(stack, service, downstream)
     after = submit(gateway, service, "/y", b"later")
     assert poll_until_done(gateway, after.headers["Location"]).content == b"later"
-    assert downstream.requests_for(accepted.json()["id"]) == []
+    assert downstream.requests_for(accepted.headers["X-Correlation-ID"]) == []
 
 
 def test_finished_job_can_be_forgotten(stack, gateway, downstream):
@@ -136,15 +141,15 @@ def test_job_survives_a_gateway_restart_and_a_worker_crash(stack, downstream):
     accepted = submit(first, service, "/sleep/2", b"durable")
     first.process.stop()
     victim = worker(stack, service, downstream)
-    job_id = accepted.json()["id"]
-    wait_for(lambda: downstream.requests_for(job_id), 20, "the job to start")
+    correlation_id = accepted.headers["X-Correlation-ID"]
+    wait_for(lambda: downstream.requests_for(correlation_id), 20, "the job to start")
     victim.signal(signal.SIGKILL)
     victim.popen.wait(10)
     worker(stack, service, downstream)
     second = stack.gateway(PROXYMQ_RESULT_URL=RESULT_URL)
     answer = poll_until_done(second, accepted.headers["Location"])
     assert (answer.status_code, answer.content) == (200, b"durable")
-    assert len(downstream.requests_for(job_id)) == 2  # at least once: it ran again
+    assert len(downstream.requests_for(correlation_id)) == 2  # at least once: it ran again
 
 
 def test_job_past_its_deadline_is_504(stack, downstream):
@@ -168,14 +173,24 @@ def test_callback_is_posted_signed_and_guarded(stack, gateway, downstream):
     )
     callback = downstream.url + "/callback/ok"
     accepted = submit(gateway, service, "/x", b"called back", **{"X-ProxyMQ-Callback": callback})
-    job_id = accepted.json()["id"]
+    correlation_id = accepted.headers["X-Correlation-ID"]
     wait_for(lambda: any(s.raw_uri == "/callback/ok" for s in downstream.seen), 20, "callback")
     (posted,) = [s for s in downstream.seen if s.raw_uri == "/callback/ok"]
     headers = dict(posted.headers)
-    expected = hmac.new(b"s3cret", posted.body, hashlib.sha256).hexdigest()
-    assert headers["X-Proxymq-Signature"] == f"sha256={expected}"
+    # t=<unix seconds>,v1=<HMAC of "t.body">: the time is signed, so it can be checked.
+    timestamp, signed = re.fullmatch(
+        r"t=(\d+),v1=([0-9a-f]{64})", headers["X-Proxymq-Signature"]
+    ).groups()
+    assert abs(int(timestamp) - time.time()) < 30
+    expected = hmac.new(b"s3cret", f"{timestamp}.".encode() + posted.body, hashlib.sha256)
+    assert signed == expected.hexdigest()
     body = json.loads(posted.body)
-    assert (body["id"], body["status"], body["body"]) == (job_id, 200, "called back")
+    assert (body["correlation_id"], body["status"], body["body"]) == (
+        correlation_id,
+        200,
+        "called back",
+    )
+    assert accepted.json()["id"] not in posted.body.decode() + str(posted.headers)
 
     guarded = unique_service("guarded")
     guarded_worker = worker(stack, guarded, downstream, PROXYMQ_CALLBACK_SECRET="s3cret")
@@ -192,3 +207,125 @@ def test_bad_callback_url_is_400(gateway):
         headers={**ASYNC, "X-ProxyMQ-Callback": "file:///etc/passwd"},
     )
     assert (response.status_code, response.headers["X-ProxyMQ-Error"]) == (400, "bad-request")
+
+
+def test_a_job_answer_over_the_response_limit_is_stored_as_502(stack, gateway, downstream):
+    service = unique_service("jobbig")
+    worker(stack, service, downstream, PROXYMQ_MAX_RESPONSE_BYTES="1000")
+    location = submit(gateway, service, "/bytes/5000").headers["Location"]
+    answer = poll_until_done(gateway, location)
+    assert (answer.status_code, answer.headers["X-ProxyMQ-Error"]) == (502, "response-too-large")
+
+
+class CallbackReceiver:
+    """A raw-socket callback receiver that misbehaves: ``trickle`` answers one byte a
+    second for ever, ``redirect`` answers 307 to another URL. Records when each
+    connection was accepted and when the worker gave up on it."""
+
+    def __init__(self, behaviour: str, redirect_to: str = "") -> None:
+        self.behaviour, self.redirect_to = behaviour, redirect_to
+        self.port = free_port()
+        self.connections: list[list[float]] = []  # [accepted, closed by the worker]
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _serve(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        times = [time.monotonic()]
+        self.connections.append(times)
+        with conn:
+            conn.recv(65536)
+            try:
+                if self.behaviour == "redirect":
+                    conn.sendall(
+                        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: "
+                        + self.redirect_to.encode()
+                        + b"\r\nContent-Length: 0\r\n\r\n"
+                    )
+                    conn.recv(1)
+                else:
+                    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 1000:
+                        conn.sendall(bytes([byte]))
+                        time.sleep(1)
+            except OSError:
+                pass
+        times.append(time.monotonic())
+
+
+def test_a_trickling_callback_receiver_holds_no_request_and_is_cut_off(stack, gateway, downstream):
+    service = unique_service("trickle")
+    receiver = CallbackReceiver("trickle")
+    worker(stack, service, downstream, "-c", "1", PROXYMQ_CALLBACK_ALLOW_PRIVATE="true")
+    location = submit(gateway, service, "/x", **{"X-ProxyMQ-Callback": receiver.url}).headers[
+        "Location"
+    ]
+    assert poll_until_done(gateway, location).status_code == 200
+    wait_for(lambda: receiver.connections, 10, "the callback")
+    # The worker's one call thread is free while the receiver trickles.
+    started = time.monotonic()
+    response = requests.post(f"{gateway.url}/{service}/y", data=b"next", timeout=10)
+    assert (response.status_code, response.content) == (200, b"next")
+    assert time.monotonic() - started < 3
+    # Each attempt is cut off at its total deadline (10 s), not one read timeout per byte.
+    wait_for(lambda: len(receiver.connections[0]) == 2, 20, "the worker to give up")
+    accepted, closed = receiver.connections[0]
+    assert 9 < closed - accepted < 13
+
+
+def test_a_callback_redirect_is_not_followed(stack, gateway, downstream):
+    service = unique_service("redirect")
+    stolen = downstream.url + "/callback/stolen"
+    receiver = CallbackReceiver("redirect", redirect_to=stolen)
+    victim = worker(
+        stack,
+        service,
+        downstream,
+        PROXYMQ_CALLBACK_SECRET="s3cret",
+        PROXYMQ_CALLBACK_ALLOW_PRIVATE="true",
+    )
+    location = submit(gateway, service, "/x", **{"X-ProxyMQ-Callback": receiver.url}).headers[
+        "Location"
+    ]
+    assert poll_until_done(gateway, location).status_code == 200
+    wait_for(lambda: "HTTP 307" in victim.log(), 10, "the refused redirect")
+    time.sleep(2)
+    assert not any(s.raw_uri == "/callback/stolen" for s in downstream.seen)
+
+
+def test_a_callback_url_s_credentials_and_query_never_reach_the_log(stack, gateway, downstream):
+    service = unique_service("cblog")
+    victim = worker(stack, service, downstream, PROXYMQ_CALLBACK_ALLOW_PRIVATE="true")
+    closed = free_port()  # nothing listens: every attempt fails and is logged
+    url = f"http://user:hunter2@127.0.0.1:{closed}/hook%0d%0aFORGED?token=abc"
+    location = submit(gateway, service, "/x", **{"X-ProxyMQ-Callback": url}).headers["Location"]
+    assert poll_until_done(gateway, location).status_code == 200
+    wait_for(lambda: victim.log().count("callback") >= 3, 15, "three failed attempts")
+    log = victim.log()
+    assert "hunter2" not in log and "token=abc" not in log
+    assert not any(line.startswith("FORGED") for line in log.splitlines())
+
+
+def test_the_job_id_is_a_secret_of_its_own_seen_only_in_the_202(stack, gateway, downstream):
+    service = unique_service("secret")
+    victim = worker(stack, service, downstream)
+    with kombu.Connection(BROKER_URL) as connection:
+        tap = TaskEventsTap(connection)
+        accepted = submit(gateway, service, "/x", b"quiet")
+        job_id, correlation_id = accepted.json()["id"], accepted.headers["X-Correlation-ID"]
+        assert job_id != correlation_id and len(job_id) >= 32
+        assert poll_until_done(gateway, accepted.headers["Location"]).content == b"quiet"
+        events = tap.bunches()
+    (seen,) = downstream.requests_for(correlation_id)
+    assert job_id not in str(seen)
+    assert events and job_id not in str(events)
+    assert job_id not in victim.log() and job_id not in gateway.process.log()
+    keys = redis.Redis.from_url(RESULT_URL).keys("proxymq:*")
+    assert not any(job_id.encode() in key for key in keys)

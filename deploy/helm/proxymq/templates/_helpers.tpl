@@ -45,21 +45,65 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* Name of the Secret that holds PROXYMQ_BROKER_URL. */}}
+{{/* The chart's own Secret of broker URLs (and the bundled broker's passwords). */}}
 {{- define "proxymq.brokerSecretName" -}}
-{{- if .Values.broker.existingSecret -}}
-{{- .Values.broker.existingSecret -}}
-{{- else -}}
 {{- printf "%s-broker" (include "proxymq.fullname" .) -}}
+{{- end -}}
+
+{{- define "proxymq.jobsSecretName" -}}
+{{- printf "%s-jobs" (include "proxymq.fullname" .) -}}
+{{- end -}}
+
+{{/* Broker roles, each with its own broker user. */}}
+{{- define "proxymq.brokerRoles" -}}
+gateway workers monitoring
+{{- end -}}
+
+{{/* Secret name and key of one role's broker URL (input: dict root, role). Output: YAML. */}}
+{{- define "proxymq.brokerRef" -}}
+{{- $b := index .root.Values.broker .role -}}
+{{- if $b.existingSecret -}}
+name: {{ $b.existingSecret }}
+key: {{ $b.existingSecretKey | default "url" }}
+{{- else -}}
+name: {{ include "proxymq.brokerSecretName" .root }}
+key: {{ printf "%s-url" .role }}
 {{- end -}}
 {{- end -}}
 
-{{- define "proxymq.brokerSecretKey" -}}
-{{- if .Values.broker.existingSecret -}}
-{{- .Values.broker.existingSecretKey | default "PROXYMQ_BROKER_URL" -}}
-{{- else -}}
-PROXYMQ_BROKER_URL
+{{/* Whether the chart's broker Secret is needed: some role's URL is the chart's to hold. */}}
+{{- define "proxymq.chartBrokerSecret" -}}
+{{- $root := . -}}
+{{- range (include "proxymq.brokerRoles" . | splitList " ") -}}
+{{- $b := index $root.Values.broker . -}}
+{{- if and (not $b.existingSecret) (or $b.url $root.Values.broker.bundled.enabled) }}yes{{ end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Whether any worker is scaled by KEDA. */}}
+{{- define "proxymq.anyKeda" -}}
+{{- $root := . -}}
+{{- range .Values.workers -}}
+{{- $w := include "proxymq.workerSettings" (dict "root" $root "worker" .) | fromYaml -}}
+{{- if $w.keda.enabled }}yes{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A secret value as an env entry (input: dict root, name, setting, default). */}}
+{{- define "proxymq.secretEnv" -}}
+{{- $s := .setting -}}
+{{- if or $s.existingSecret $s.value }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      {{- if $s.existingSecret }}
+      name: {{ $s.existingSecret }}
+      key: {{ $s.existingSecretKey | default .name }}
+      {{- else }}
+      name: {{ include "proxymq.jobsSecretName" .root }}
+      key: {{ .name }}
+      {{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "proxymq.rabbitmqName" -}}
@@ -76,11 +120,16 @@ PROXYMQ_BROKER_URL
 
 {{/* Checks run once per render. */}}
 {{- define "proxymq.validate" -}}
-{{- if and .Values.broker.bundled.enabled .Values.broker.external.url -}}
-{{- fail "broker: set either broker.external.url or broker.bundled.enabled, not both" -}}
+{{- $root := . -}}
+{{- $keda := include "proxymq.anyKeda" . -}}
+{{- range (include "proxymq.brokerRoles" . | splitList " ") -}}
+{{- $b := index $root.Values.broker . -}}
+{{- if and $root.Values.broker.bundled.enabled (or $b.url $b.existingSecret) -}}
+{{- fail (printf "broker.%s: the bundled broker makes its own users; set broker.%s.url/existingSecret only with broker.bundled.enabled=false" . .) -}}
 {{- end -}}
-{{- if not (or .Values.broker.bundled.enabled .Values.broker.external.url .Values.broker.existingSecret) -}}
-{{- fail "broker: set broker.external.url (or broker.existingSecret), or enable broker.bundled" -}}
+{{- if not (or $root.Values.broker.bundled.enabled $b.url $b.existingSecret (and (eq . "monitoring") (not $keda))) -}}
+{{- fail (printf "broker: set broker.%s.url or broker.%s.existingSecret (each role has its own broker user), or enable broker.bundled" . .) -}}
+{{- end -}}
 {{- end -}}
 {{- if not (has (include "proxymq.queueType" .) (list "classic" "quorum")) -}}
 {{- fail "broker queueType must be classic or quorum" -}}
@@ -139,20 +188,38 @@ PROXYMQ_BROKER_URL
 {{- end -}}
 {{- end -}}
 
-{{/* Environment shared by gateway and workers. */}}
+{{/* Environment shared by gateway and workers (input: dict root, role). */}}
 {{- define "proxymq.commonEnv" -}}
+{{- $root := .root -}}
 - name: PROXYMQ_BROKER_URL
   valueFrom:
     secretKeyRef:
-      name: {{ include "proxymq.brokerSecretName" . }}
-      key: {{ include "proxymq.brokerSecretKey" . }}
+      {{- include "proxymq.brokerRef" (dict "root" $root "role" .role) | nindent 6 }}
 - name: PROXYMQ_CONFIG
   value: /etc/proxymq/proxymq.toml
 - name: PROXYMQ_QUEUE_TYPE
-  value: {{ include "proxymq.queueType" . | quote }}
-{{- range $k, $v := .Values.env }}
+  value: {{ include "proxymq.queueType" $root | quote }}
+{{- with $root.Values.broker.tls.existingSecret }}
+{{- $dir := $root.Values.broker.tls.mountPath | trimSuffix "/" }}
+- name: PROXYMQ_BROKER_CA_FILE
+  value: {{ printf "%s/ca.crt" $dir | quote }}
+{{- if $root.Values.broker.tls.clientCertificate }}
+- name: PROXYMQ_BROKER_CERT_FILE
+  value: {{ printf "%s/tls.crt" $dir | quote }}
+- name: PROXYMQ_BROKER_KEY_FILE
+  value: {{ printf "%s/tls.key" $dir | quote }}
+{{- end }}
+{{- end }}
+{{- include "proxymq.secretEnv" (dict "root" $root "name" "PROXYMQ_RESULT_URL" "setting" $root.Values.jobs.resultUrl) }}
+{{- if eq .role "workers" }}
+{{- include "proxymq.secretEnv" (dict "root" $root "name" "PROXYMQ_CALLBACK_SECRET" "setting" $root.Values.jobs.callbackSecret) }}
+{{- end }}
+{{- range $k, $v := $root.Values.env }}
 - name: {{ $k }}
   value: {{ $v | toString | quote }}
+{{- end }}
+{{- with $root.Values.extraEnv }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -163,6 +230,21 @@ PROXYMQ_BROKER_URL
     name: {{ include "proxymq.fullname" . }}-config
 - name: tmp
   emptyDir: {}
+{{- with .Values.broker.tls.existingSecret }}
+- name: broker-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+      {{- if $.Values.broker.tls.clientCertificate }}
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "proxymq.volumeMounts" -}}
@@ -171,4 +253,9 @@ PROXYMQ_BROKER_URL
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- if .Values.broker.tls.existingSecret }}
+- name: broker-tls
+  mountPath: {{ .Values.broker.tls.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end -}}
