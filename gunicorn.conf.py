@@ -135,10 +135,14 @@ if _serving("fetcher"):
         _stop(error)
     bind = [_config.bind]
 else:
-    from proxymq.config import ConfigError, GatewayConfig
+    from proxymq.config import ConfigError, GatewayConfig, check_broker_certificate
 
     try:
         _config = GatewayConfig.from_env(os.environ)
+        # A broker certificate that does not verify would fail every worker's every
+        # reconnect; one line from the master instead (a broker that is down is no error).
+        if _config.broker_tls is not None:
+            check_broker_certificate(_config.broker_tls)
     except ConfigError as error:
         _stop(error)
     bind = [_config.bind]

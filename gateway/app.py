@@ -17,7 +17,12 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     """Build the app; the broker link starts in each worker process, after the fork
     (``gunicorn.conf.py``'s ``post_worker_init``, or the first request)."""
     config = config or GatewayConfig.from_env(os.environ)
-    link = BrokerLink(config.broker_url, reply_users=config.reply_users)
+    tls = config.broker_tls
+    link = BrokerLink(
+        config.broker_url,
+        ssl=tls.ssl_options() if tls else None,
+        reply_users=config.reply_users,
+    )
     store = JobStore(config.result_url, config.job_ttl) if config.result_url else None
     gateway = Gateway(config, link, store)
     app = Flask(__name__)

@@ -41,9 +41,14 @@ class BrokerLink:
         url: str,
         heartbeat: int = 20,
         reconnect_delay: float = 1.0,
+        ssl: dict | None = None,
         reply_users: frozenset[str] | None = None,
     ) -> None:
+        """``ssl`` is ``BrokerTLS.ssl_options()`` for an ``amqps://`` URL: without it
+        Kombu's TLS would not check the broker's host name. ``reply_users`` is
+        ``PROXYMQ_REPLY_USERS``."""
         self._url = url
+        self._ssl = ssl
         self._reply_users = reply_users
         self._heartbeat = heartbeat
         self._reconnect_delay = reconnect_delay
@@ -90,7 +95,9 @@ class BrokerLink:
             gevent.sleep(self._reconnect_delay)
 
     def _connect(self) -> None:
-        connection = kombu.Connection(self._url, heartbeat=self._heartbeat, connect_timeout=5)
+        connection = kombu.Connection(
+            self._url, heartbeat=self._heartbeat, connect_timeout=5, ssl=self._ssl or False
+        )
         connection.connect()
         self._connection = connection
         channel = connection.connection.channel()

@@ -8,11 +8,12 @@ with a traceback or a silently substituted default.
 from __future__ import annotations
 
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "jobs"})
@@ -166,6 +167,171 @@ def broker_url(env: Mapping[str, str]) -> str:
     return read(env, "PROXYMQ_BROKER_URL", _broker_url, DEFAULT_BROKER_URL)
 
 
+# -- TLS to the broker ----------------------------------------------------------------------
+# ``amqps://`` verifies the broker's certificate chain and its host name. Left to itself,
+# py-amqp's ``ssl=True`` (what Kombu and Celery pass for ``amqps://``) checks the chain
+# against the system's CAs but not the host name, so any certificate a trusted CA signed
+# for any name would do, and the PLAIN credentials would go to whoever holds it. These
+# settings are turned into the options dict py-amqp's SSLTransport takes (a dict, never
+# an ``ssl.SSLContext``: py-amqp silently drops anything that is not a dict).
+
+BROKER_TLS_VARIABLES = (
+    "PROXYMQ_BROKER_CA_FILE",
+    "PROXYMQ_BROKER_CERT_FILE",
+    "PROXYMQ_BROKER_KEY_FILE",
+)
+AMQPS_PORT = 5671
+# OpenSSL's verify codes for "the certificate does not name this host / IP address".
+_NAME_MISMATCH = frozenset({62, 64})
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTLS:
+    """How to check the broker of an ``amqps://`` URL, and how to prove who we are.
+
+    ``host`` is the URL's host, the name the certificate must be valid for. ``ca_file``
+    unset means the system's CAs; set, only that CA is trusted. ``cert_file`` and
+    ``key_file`` (both or neither) are a client certificate, for a broker with
+    ``fail_if_no_peer_cert``.
+    """
+
+    host: str
+    port: int = AMQPS_PORT
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` as py-amqp takes it (an IPv6 literal in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def ssl_options(self) -> dict[str, Any]:
+        """The ``ssl`` argument for Kombu / Celery's ``broker_use_ssl``.
+
+        ``server_hostname`` is what makes py-amqp check the host name (and send SNI); it
+        is given explicitly because Kombu rewrites ``localhost`` to ``127.0.0.1``.
+        """
+        options: dict[str, Any] = {"server_hostname": self.host, "cert_reqs": ssl.CERT_REQUIRED}
+        if self.ca_file is not None:
+            options["ca_certs"] = self.ca_file
+        if self.cert_file is not None:
+            options["certfile"] = self.cert_file
+            options["keyfile"] = self.key_file
+        return options
+
+
+def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
+    """The TLS settings for broker ``url`` (already valid), or None for plain ``amqp://``.
+
+    The files are read and parsed here, so a missing, unreadable or wrong file stops the
+    process at start with one line instead of failing every connection attempt later
+    (and a pass-phrase-protected key cannot make OpenSSL prompt on a terminal). A CA or
+    client certificate with a URL that is not ``amqps://`` is an error: the operator
+    believes the link is encrypted and it would not be.
+    """
+    parts = urlsplit(url)
+    ssl_keys = [key for key, _ in parse_qsl(parts.query) if key == "ssl" or key.startswith("ssl_")]
+    if ssl_keys:
+        # Kombu lets them replace the whole ssl argument, host name check included.
+        raise ConfigError(
+            "PROXYMQ_BROKER_URL",
+            f"TLS options in the URL ({ssl_keys[0]!r}) are not supported; use amqps:// and "
+            "PROXYMQ_BROKER_CA_FILE, PROXYMQ_BROKER_CERT_FILE, PROXYMQ_BROKER_KEY_FILE",
+        )
+    if ";" in url and "amqps://" in url:
+        # Kombu's failover hands every host the same ssl options, so the certificate of
+        # all but one would be checked against the wrong name.
+        raise ConfigError(
+            "PROXYMQ_BROKER_URL",
+            "several ';'-separated URLs are not supported with amqps://: the host name "
+            "check can name one host only",
+        )
+    ca_file, cert_file, key_file = (read(env, name, str, None) for name in BROKER_TLS_VARIABLES)
+    if parts.scheme != "amqps":
+        for name, value in zip(BROKER_TLS_VARIABLES, (ca_file, cert_file, key_file), strict=True):
+            if value is not None:
+                raise ConfigError(
+                    name, "is set, but PROXYMQ_BROKER_URL is not amqps://, so TLS would not be used"
+                )
+        return None
+    if (cert_file is None) != (key_file is None):
+        given, missing = "PROXYMQ_BROKER_CERT_FILE", "PROXYMQ_BROKER_KEY_FILE"
+        if cert_file is None:
+            given, missing = missing, given
+        raise ConfigError(given, f"is set without {missing}; a client certificate needs both")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file is not None:
+        _load_pem(
+            "PROXYMQ_BROKER_CA_FILE",
+            ca_file,
+            "holds no PEM certificate",
+            lambda: context.load_verify_locations(cafile=ca_file),
+        )
+    if cert_file is not None:
+        _load_pem(
+            "PROXYMQ_BROKER_CERT_FILE",
+            cert_file,
+            "holds no PEM certificate",
+            lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cert_file),
+        )
+        _load_pem(
+            "PROXYMQ_BROKER_KEY_FILE",
+            key_file,
+            "is not the unencrypted PEM private key of PROXYMQ_BROKER_CERT_FILE's certificate",
+            lambda: context.load_cert_chain(cert_file, key_file, password=""),
+        )
+    return BrokerTLS(parts.hostname, parts.port or AMQPS_PORT, ca_file, cert_file, key_file)
+
+
+def _load_pem(variable: str, path: str, wrong: str, load: Callable[[], None]) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+        load()
+    except ssl.SSLError:
+        raise ConfigError(variable, f"{path!r} {wrong}") from None
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {path!r}: {exc.strerror}") from None
+
+
+def check_broker_certificate(tls: BrokerTLS, timeout: float = 5.0) -> None:
+    """Stop at start-up, with one line, if the broker's certificate does not verify.
+
+    A TLS handshake only (py-amqp's own transport and options, no credentials sent):
+    a certificate that does not verify is a configuration mistake that retrying cannot
+    fix, so the process must not come up and retry forever. A broker that is down or
+    unreachable is not: the process starts and connects when it can, as over plain AMQP.
+    """
+    from amqp.transport import Transport  # here: the rest of this module needs no AMQP
+
+    transport = Transport(tls.address, connect_timeout=timeout, ssl=tls.ssl_options())
+    try:
+        transport.connect()
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in _NAME_MISMATCH:
+            raise ConfigError(
+                "PROXYMQ_BROKER_URL",
+                f"the broker's certificate is not valid for host {tls.host!r} "
+                f"({exc.verify_message}); the URL must name a host the certificate lists",
+            ) from None
+        if tls.ca_file is not None:
+            raise ConfigError(
+                "PROXYMQ_BROKER_CA_FILE",
+                f"the broker's certificate at {tls.address} does not verify against "
+                f"{tls.ca_file!r}: {exc.verify_message}",
+            ) from None
+        raise ConfigError(
+            "PROXYMQ_BROKER_URL",
+            f"the broker's certificate at {tls.address} does not verify against the system's "
+            f"CAs: {exc.verify_message}; PROXYMQ_BROKER_CA_FILE names a private CA",
+        ) from None
+    except OSError:
+        return  # down, unreachable, or refusing us: the process's own reconnects report it
+    transport.close()
+
+
 # -- gateway --------------------------------------------------------------------------------
 
 
@@ -183,6 +349,7 @@ class GatewayConfig:
     job_auth_header: str = "Authorization"
     body_timeout: float = 30.0
     reply_users: frozenset[str] | None = None
+    broker_tls: BrokerTLS | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
@@ -202,6 +369,7 @@ class GatewayConfig:
             job_auth_header=read(env, "PROXYMQ_JOB_AUTH_HEADER", _header_name, d.job_auth_header),
             body_timeout=read(env, "PROXYMQ_BODY_TIMEOUT", positive_number, d.body_timeout),
             reply_users=read(env, "PROXYMQ_REPLY_USERS", _user_list, d.reply_users),
+            broker_tls=broker_tls(env, broker_url(env)),
         )
 
 
@@ -256,6 +424,7 @@ class WorkerConfig:
     callback_allow_private: bool = False
     task_events: bool = True
     max_response_bytes: int = 10 * 1024 * 1024
+    broker_tls: BrokerTLS | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], queues: list[str] | None = None) -> WorkerConfig:
@@ -280,6 +449,7 @@ class WorkerConfig:
             max_response_bytes=read(
                 env, "PROXYMQ_MAX_RESPONSE_BYTES", positive_int, d.max_response_bytes
             ),
+            broker_tls=broker_tls(env, broker_url(env)),
         )
 
 

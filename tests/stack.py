@@ -331,20 +331,45 @@ def running_stack() -> Iterator[Stack]:
 # -- a RabbitMQ node of the test's own, to stop and start ----------------------------------
 
 
+@dataclass(frozen=True)
+class TLSListener:
+    """A TLS listener's files (PEM) and whether it demands a client certificate."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_client_cert: bool = False
+
+
 class PrivateBroker:
     """A RabbitMQ node with its own name, port and data directory.
 
-    Tests that stop the broker use one of these, never the shared node on 5672.
+    Tests that stop the broker use one of these, never the shared node on 5672. With
+    ``tls`` it also listens for amqps:// on ``tls_port``, with copies of those files.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSListener | None = None) -> None:
         # Not under pytest's tmp_path: its parents are private to root, and the node runs
         # as the rabbitmq user.
         directory = Path(tempfile.mkdtemp(prefix="proxymq-rabbitmq-"))
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.node = f"proxymq-test-{uuid.uuid4().hex[:8]}@localhost"
         self.dir = directory
-        (directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        conf = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        if tls is not None:
+            for name in ("ca_file", "cert_file", "key_file"):
+                shutil.copy(getattr(tls, name), directory / f"{name}.pem")
+            verify = "verify_peer" if tls.require_client_cert else "verify_none"
+            conf += (
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {directory / 'ca_file.pem'}\n"
+                f"ssl_options.certfile = {directory / 'cert_file.pem'}\n"
+                f"ssl_options.keyfile = {directory / 'key_file.pem'}\n"
+                f"ssl_options.verify = {verify}\n"
+                f"ssl_options.fail_if_no_peer_cert = {str(tls.require_client_cert).lower()}\n"
+            )
+        (directory / "rabbitmq.conf").write_text(conf)
         (directory / "enabled_plugins").write_text("[].\n")
         # rabbitmq-server drops root for the rabbitmq user, who must own its data dir.
         if os.geteuid() == 0:
@@ -365,6 +390,9 @@ class PrivateBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def tls_url(self, host: str = "localhost") -> str:
+        return f"amqps://guest:guest@{host}:{self.tls_port}//"
 
     def _ctl(self, *args: str, timeout: float = 120) -> None:
         subprocess.run(
@@ -387,3 +415,50 @@ class PrivateBroker:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- a private CA, made with openssl at test time ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PKI:
+    """A CA and certificates it signed: ``server`` for localhost/127.0.0.1, ``evil`` for
+    evil.example only, ``client`` for client authentication. Each is ``(cert, key)``."""
+
+    ca: Path
+    server: tuple[Path, Path]
+    evil: tuple[Path, Path]
+    client: tuple[Path, Path]
+
+
+def make_pki(directory: Path) -> PKI:
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=ProxyMQ test CA")  # fmt: skip
+
+    def leaf(name: str, subject: str, extensions: str) -> tuple[Path, Path]:
+        (directory / f"{name}.ext").write_text(extensions)
+        openssl("req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", subject)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-set_serial", str(uuid.uuid4().int >> 64), "-days", "2",
+                "-extfile", f"{name}.ext", "-out", f"{name}.pem")  # fmt: skip
+        return directory / f"{name}.pem", directory / f"{name}.key"
+
+    return PKI(
+        ca=directory / "ca.pem",
+        server=leaf(
+            "server",
+            "/CN=localhost",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        evil=leaf(
+            "evil",
+            "/CN=evil.example",
+            "subjectAltName=DNS:evil.example\nextendedKeyUsage=serverAuth\n",
+        ),
+        client=leaf("client", "/CN=proxymq-client", "extendedKeyUsage=clientAuth\n"),
+    )

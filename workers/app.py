@@ -20,7 +20,14 @@ from celery import Celery, signals
 from celery.concurrency import get_implementation
 from kombu import Queue
 
-from proxymq.config import ConfigError, ServiceConfig, WorkerConfig, broker_url
+from proxymq.config import (
+    ConfigError,
+    ServiceConfig,
+    WorkerConfig,
+    broker_tls,
+    broker_url,
+    check_broker_certificate,
+)
 from workers.consumer import ForwardStep
 from workers.runtime import Runtime
 
@@ -64,16 +71,23 @@ def node_name(services: list[str], given: str, argv: list[str]) -> str:
     return f"{'-'.join(services)[:60]}.{os.getpid()}@{socket.gethostname()}"
 
 
-def _broker_url() -> str:
+def _broker() -> tuple[str, dict | bool]:
+    """The broker URL and ``broker_use_ssl``, read at import: Flower (``celery -A workers
+    flower``) and the other celery commands use this app's settings without a worker's
+    start-up signals, and they too must check the broker's certificate and host name."""
     try:
-        return broker_url(os.environ)
+        url = broker_url(os.environ)
+        tls = broker_tls(os.environ, url)
     except ConfigError as error:
         _stop(error)
         raise
+    return url, tls.ssl_options() if tls else False
 
 
-app = Celery("workers", broker=_broker_url())
+_BROKER_URL, _BROKER_SSL = _broker()
+app = Celery("workers", broker=_BROKER_URL)
 app.conf.update(
+    broker_use_ssl=_BROKER_SSL,
     task_serializer="msgpack",
     accept_content=["msgpack", "json"],
     task_acks_late=True,
@@ -107,6 +121,8 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
     try:
         config = WorkerConfig.from_env(os.environ, queues or None)
         _check_pool(options.get("pool") or conf.worker_pool)
+        if config.broker_tls is not None:
+            check_broker_certificate(config.broker_tls)
     except ConfigError as error:
         _stop(error)
     conf.task_queues = [service_queue(service) for service in config.services.values()]
