@@ -8,7 +8,6 @@ with a traceback or a silently substituted default.
 from __future__ import annotations
 
 import re
-import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -213,6 +212,8 @@ class BrokerTLS:
         ``server_hostname`` is what makes py-amqp check the host name (and send SNI); it
         is given explicitly because Kombu rewrites ``localhost`` to ``127.0.0.1``.
         """
+        import ssl  # only with amqps: see broker_tls
+
         options: dict[str, Any] = {"server_hostname": self.host, "cert_reqs": ssl.CERT_REQUIRED}
         if self.ca_file is not None:
             options["ca_certs"] = self.ca_file
@@ -261,6 +262,10 @@ def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
         if cert_file is None:
             given, missing = missing, given
         raise ConfigError(given, f"is set without {missing}; a client certificate needs both")
+    # Imported here, not at the top: gunicorn's master imports this module before gevent
+    # patches the workers, and ssl imported before the patch is not made cooperative.
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca_file is not None:
         _load_pem(
@@ -286,6 +291,8 @@ def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
 
 
 def _load_pem(variable: str, path: str, wrong: str, load: Callable[[], None]) -> None:
+    import ssl
+
     try:
         with open(path, "rb"):
             pass
@@ -304,6 +311,8 @@ def check_broker_certificate(tls: BrokerTLS, timeout: float = 5.0) -> None:
     fix, so the process must not come up and retry forever. A broker that is down or
     unreachable is not: the process starts and connects when it can, as over plain AMQP.
     """
+    import ssl
+
     from amqp.transport import Transport  # here: the rest of this module needs no AMQP
 
     transport = Transport(tls.address, connect_timeout=timeout, ssl=tls.ssl_options())
