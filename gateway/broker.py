@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+from urllib.parse import urlsplit
 
 import amqp
 import gevent
@@ -24,6 +26,7 @@ from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 
 from gateway.replies import ReplyRouter
+from proxymq.config import broker_urls
 from proxymq.confirms import ACK, LOST, ConfirmTracker
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,20 @@ class BrokerLink:
         reconnect_delay: float = 1.0,
         ssl: dict | None = None,
         reply_users: frozenset[str] | None = None,
+        connect_timeout: float = 5,
     ) -> None:
         """``ssl`` is ``BrokerTLS.ssl_options()`` for an ``amqps://`` URL: without it
         Kombu's TLS would not check the broker's host name. ``reply_users`` is
-        ``PROXYMQ_REPLY_USERS``."""
-        self._url = url
+        ``PROXYMQ_REPLY_USERS``.
+
+        ``url`` may be a ``;``-separated list (a cluster's nodes): each connect tries
+        them in turn, starting with the one after the node last connected to (the one
+        whose connection was lost is likely the one that is gone), and sleeps
+        ``reconnect_delay`` only once every node has refused."""
+        self._urls = broker_urls(url)
+        self._next = 0
+        self._connect_timeout = connect_timeout
+        self.node: str | None = None  # "host:port" of the node connected to
         self._ssl = ssl
         self._reply_users = reply_users
         self._heartbeat = heartbeat
@@ -81,8 +93,10 @@ class BrokerLink:
 
     def _run(self) -> None:
         while True:
+            connected_at = None
             try:
                 self._connect()
+                connected_at = time.monotonic()
                 beat = gevent.spawn(self._beat)
                 try:
                     self._read_forever()
@@ -92,13 +106,14 @@ class BrokerLink:
                 log.warning("broker connection lost: %r; reconnecting", exc)
             finally:
                 self._teardown()
-            gevent.sleep(self._reconnect_delay)
+            # A connection that served a while is replaced at once (by another node of a
+            # cluster, if this one is gone); one lost as soon as it was made, or none made,
+            # waits first, so a broker refusing us is not hammered.
+            if connected_at is None or time.monotonic() - connected_at < self._reconnect_delay:
+                gevent.sleep(self._reconnect_delay)
 
     def _connect(self) -> None:
-        connection = kombu.Connection(
-            self._url, heartbeat=self._heartbeat, connect_timeout=5, ssl=self._ssl or False
-        )
-        connection.connect()
+        connection = self._connect_any()
         self._connection = connection
         channel = connection.connection.channel()
         confirms = ConfirmTracker(channel)
@@ -107,7 +122,41 @@ class BrokerLink:
         self.reply_queue = queue
         self._confirms = confirms
         self._ready.set()
-        log.info("connected to the broker; reply queue %s", queue)
+        log.info("connected to the broker at %s; reply queue %s", self.node, queue)
+
+    def _connect_any(self) -> kombu.Connection:
+        """A connection to the first node of the list, from ``_next`` on, that accepts.
+
+        A node that is down refuses at once (or within ``connect_timeout`` when its
+        host does not answer), so a cluster that lost a node is reached again within
+        one turn of the list.
+        """
+        error: Exception | None = None
+        for step in range(len(self._urls)):
+            index = (self._next + step) % len(self._urls)
+            connection = kombu.Connection(
+                self._urls[index],
+                heartbeat=self._heartbeat,
+                connect_timeout=self._connect_timeout,
+                ssl=self._ssl or False,
+            )
+            try:
+                connection.connect()
+            except Exception as exc:
+                error = exc
+                with contextlib.suppress(Exception):
+                    connection.collect()
+                if len(self._urls) > 1:
+                    log.warning("broker node %s refused: %r", self._address(index), exc)
+                continue
+            self._next = (index + 1) % len(self._urls)
+            self.node = self._address(index)
+            return connection
+        raise error
+
+    def _address(self, index: int) -> str:
+        parts = urlsplit(self._urls[index])
+        return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
 
     def _read_forever(self) -> None:
         connection = self._connection.connection
@@ -131,6 +180,7 @@ class BrokerLink:
         self._ready.clear()
         confirms, self._confirms = self._confirms, None
         self.reply_queue = None
+        self.node = None
         if confirms is not None:
             confirms.lose_all()
         self.replies.fail_all(BrokerUnavailable("the connection to the broker was lost"))

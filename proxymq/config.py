@@ -94,14 +94,43 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
         parts = urlsplit(text)
         if parts.scheme not in schemes or not parts.hostname:
             raise ValueError(f"must be a {'/'.join(schemes)} URL with a host")
-        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+        try:
+            parts.port  # noqa: B018 -- raises ValueError for a malformed port
+        except ValueError as exc:
+            raise ValueError(f"must have a valid port ({exc})") from None
         return text
 
     return parse
 
 
 _http_url = _url(("http", "https"))
-_broker_url = _url(("amqp", "amqps", "pyamqp"))
+_one_broker_url = _url(("amqp", "amqps", "pyamqp"))
+
+
+def _broker_url(text: str) -> str:
+    """One broker URL, or several separated by ``;``: Kombu's failover list, e.g. a
+    cluster's nodes, tried in turn. Each is checked on its own; all of them plain AMQP or
+    all ``amqps://`` (a list that mixes them would sometimes connect without TLS)."""
+    urls = [part.strip() for part in text.split(";")]
+    if len(urls) == 1:
+        return _one_broker_url(text)
+    for number, url in enumerate(urls, 1):
+        if not url:
+            raise ValueError(f"URL {number} of the ';'-separated list is blank")
+        try:
+            _one_broker_url(url)
+        except ValueError as exc:
+            raise ValueError(f"URL {number} of the ';'-separated list {exc}") from None
+    if len({urlsplit(url).scheme == "amqps" for url in urls}) > 1:
+        raise ValueError("mixes amqps:// and plain AMQP URLs in its ';'-separated list")
+    return ";".join(urls)
+
+
+def broker_urls(url: str) -> list[str]:
+    """The URLs of a valid ``PROXYMQ_BROKER_URL``, in the order given."""
+    return url.split(";")
+
+
 _redis_url = _url(("redis", "rediss"))
 
 
@@ -232,8 +261,13 @@ def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
     client certificate with a URL that is not ``amqps://`` is an error: the operator
     believes the link is encrypted and it would not be.
     """
-    parts = urlsplit(url)
-    ssl_keys = [key for key, _ in parse_qsl(parts.query) if key == "ssl" or key.startswith("ssl_")]
+    parts = urlsplit(broker_urls(url)[0])
+    ssl_keys = [
+        key
+        for one in broker_urls(url)
+        for key, _ in parse_qsl(urlsplit(one).query)
+        if key == "ssl" or key.startswith("ssl_")
+    ]
     if ssl_keys:
         # Kombu lets them replace the whole ssl argument, host name check included.
         raise ConfigError(

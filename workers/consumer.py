@@ -78,6 +78,22 @@ class ForwardStep(bootsteps.StartStopStep):
 class Consumer(CeleryConsumer):
     _events_flush_at = 0.0  # monotonic time of the scheduled flush; 0.0: none
 
+    class Blueprint(CeleryConsumer.Blueprint):
+        """Celery's consumer steps without ``DelayedDelivery``.
+
+        Celery adds that step when a served queue is a quorum queue, for tasks sent with
+        a countdown or an ETA; nothing sends ProxyMQ's requests so. The step connects to
+        every URL of a ``;`` broker list in turn before the consumer starts consuming,
+        retrying a node that is down for about 15 s: seen here to stop a worker that lost
+        its node from consuming on the next one for that long.
+        """
+
+        default_steps = [
+            step
+            for step in CeleryConsumer.Blueprint.default_steps
+            if not step.endswith(":DelayedDelivery")
+        ]
+
     # -- messages Celery cannot run ------------------------------------------------------
 
     def on_decode_error(self, message, exc) -> None:

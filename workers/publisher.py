@@ -10,10 +10,11 @@ delivered again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import amqp
 
+from proxymq.config import ServiceConfig
 from proxymq.confirms import ConfirmTracker, Settled
 from proxymq.envelope import CONTENT_ENCODING, CONTENT_TYPE, ReplyEnvelope, encode_reply
 
@@ -43,12 +44,22 @@ class Publisher:
         """Publishes the broker has not confirmed yet."""
         return len(self._confirms)
 
-    def declare_dead_queues(self, queues: Iterable[str]) -> None:
-        """Declare ``<queue>.dead`` for every served queue, before consuming starts: a
-        declare waits for the broker's answer, and waiting inside the event loop would
-        dispatch other deliveries in the middle of dead-lettering one."""
-        for queue in queues:
-            self._channel.queue_declare(queue + DEAD_SUFFIX, durable=True, auto_delete=False)
+    def declare_dead_queues(self, services: Mapping[str, ServiceConfig]) -> None:
+        """Declare ``<queue>.dead`` for every served queue (``services``: queue name ->
+        its service), before consuming starts: a declare waits for the broker's answer,
+        and waiting inside the event loop would dispatch other deliveries in the middle
+        of dead-lettering one.
+
+        Of the service queue's type: a quorum service's dead letters are replicated like
+        its requests. A classic queue lives on the node that first declared it, and
+        RabbitMQ refuses to declare it again (404) while that node is down, so a classic
+        dead queue would keep a worker from consuming a quorum queue whenever its node is
+        lost."""
+        for queue, service in services.items():
+            arguments = {"x-queue-type": "quorum"} if service.queue_type == "quorum" else {}
+            self._channel.queue_declare(
+                queue + DEAD_SUFFIX, durable=True, auto_delete=False, arguments=arguments
+            )
 
     def publish(
         self, routing_key: str, body: bytes, headers: dict, properties: dict, settled: Settled

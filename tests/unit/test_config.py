@@ -299,3 +299,29 @@ TEXTS: dict[str, Reader] = {
 def test_a_blank_text_setting_is_an_error_too(variable):
     with pytest.raises(ConfigError, match=rf"^{variable}: is set but blank"):
         TEXTS[variable]({variable: " "})
+
+
+# -- a ';' list of broker URLs (a cluster's nodes) ----------------------------------------
+
+
+def test_broker_url_list_is_kept_in_order_each_url_stripped():
+    env = {"PROXYMQ_BROKER_URL": " amqp://u:p@a:5672// ; amqp://u:p@b:5673//;amqp://u:p@c// "}
+    assert GatewayConfig.from_env(env).broker_url == (
+        "amqp://u:p@a:5672//;amqp://u:p@b:5673//;amqp://u:p@c//"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("amqp://a//;", "URL 2 of the ';'-separated list is blank"),
+        ("amqp://a//;http://b//", "URL 2 of the ';'-separated list must be a amqp/amqps/pyamqp"),
+        ("amqp://a//;amqp://b:99999//", "URL 2 of the ';'-separated list must have a valid port"),
+        ("amqp://a//;amqps://b//", "mixes amqps:// and plain AMQP URLs"),
+    ],
+)
+def test_bad_broker_url_lists_are_one_line(value, message):
+    with pytest.raises(ConfigError) as error:
+        GatewayConfig.from_env({"PROXYMQ_BROKER_URL": value})
+    assert str(error.value).startswith(f"PROXYMQ_BROKER_URL: {message}")
+    assert "\n" not in str(error.value)
