@@ -1,7 +1,7 @@
 """The Helm chart, rendered with Helm's own Go template engine (helm-python-sdk, no helm
 binary, no cluster) and validated with kubernetes-validate --strict; custom resources
-(KEDA, Prometheus operator), which kubernetes-validate has no schema for, are checked
-against minimal schemas below."""
+(KEDA, Prometheus operator, the RabbitMQ operators), which kubernetes-validate has no schema
+for, are checked against minimal schemas below and in rabbitmq_crds.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from .conftest import BROKER_START, CHART, describe, run
+from .rabbitmq_crds import SCHEMAS as RABBITMQ_SCHEMAS
 
 pytestmark = pytest.mark.deploy
 
@@ -63,6 +64,8 @@ _RABBITMQ_TRIGGER = _closed(
                 "queueName": {"type": "string", "pattern": "_requests$"},
                 "value": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"},
                 "vhostName": {"type": "string"},
+                # with broker.operator: the cluster's Service, never credentials
+                "host": {"type": "string", "pattern": "^amqps?://[^@/]+/[^@]*$"},
             },
             "queueName",
             "mode",
@@ -94,7 +97,11 @@ CRD_SCHEMAS = {
             {
                 "secretTargetRef": _list_of(
                     _closed(
-                        {"parameter": {"const": "host"}, "name": _STR, "key": _STR},
+                        {
+                            "parameter": {"enum": ["host", "username", "password"]},
+                            "name": _STR,
+                            "key": _STR,
+                        },
                         "parameter",
                         "name",
                         "key",
@@ -128,6 +135,7 @@ CRD_SCHEMAS = {
             "endpoints",
         )
     ),
+    **RABBITMQ_SCHEMAS,
 }
 
 
@@ -213,7 +221,16 @@ def check_references(docs: list[dict]) -> None:
         for trigger in so["spec"]["triggers"]:
             auth = auths[trigger["authenticationRef"]["name"]]
             assert "hostFromEnv" not in trigger["metadata"]
-            [ref] = auth["spec"]["secretTargetRef"]
+            refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+            if set(refs) == {"username", "password"}:  # broker.operator
+                worker_env = env_of(target)
+                for parameter, ref in refs.items():
+                    worker_ref = worker_env[f"RABBITMQ_{parameter.upper()}"]["valueFrom"]
+                    assert ref["name"] != worker_ref["secretKeyRef"]["name"], ref
+                    assert ref["name"].endswith("-broker-monitoring-user-credentials"), ref
+                assert "@" not in trigger["metadata"]["host"]
+                continue
+            [ref] = refs.values()
             assert ref["parameter"] == "host"
             if ref["name"] in secrets:
                 assert ref["key"] == "monitoring-url", ref

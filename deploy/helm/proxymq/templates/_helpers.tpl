@@ -76,7 +76,7 @@ key: {{ printf "%s-url" .role }}
 {{- $root := . -}}
 {{- range (include "proxymq.brokerRoles" . | splitList " ") -}}
 {{- $b := index $root.Values.broker . -}}
-{{- if and (not $b.existingSecret) (or $b.url $root.Values.broker.bundled.enabled) }}yes{{ end -}}
+{{- if and (not $root.Values.broker.operator.enabled) (not $b.existingSecret) (or $b.url $root.Values.broker.bundled.enabled) }}yes{{ end -}}
 {{- end -}}
 {{- end -}}
 
@@ -111,7 +111,9 @@ key: {{ printf "%s-url" .role }}
 {{- end -}}
 
 {{- define "proxymq.queueType" -}}
-{{- if .Values.broker.bundled.enabled -}}
+{{- if .Values.broker.operator.enabled -}}
+quorum
+{{- else if .Values.broker.bundled.enabled -}}
 {{- .Values.broker.bundled.queueType | default "classic" -}}
 {{- else -}}
 {{- .Values.broker.external.queueType | default "quorum" -}}
@@ -122,12 +124,36 @@ key: {{ printf "%s-url" .role }}
 {{- define "proxymq.validate" -}}
 {{- $root := . -}}
 {{- $keda := include "proxymq.anyKeda" . -}}
+{{- $op := .Values.broker.operator -}}
+{{- if $op.enabled -}}
+{{- if .Values.broker.bundled.enabled -}}
+{{- fail "broker.operator.enabled: set broker.bundled.enabled=false (the operators' cluster replaces the bundled broker)" -}}
+{{- end -}}
+{{- if eq .Values.broker.external.queueType "classic" -}}
+{{- fail "broker.operator.enabled: a replicated cluster needs quorum queues; broker.external.queueType must not be classic" -}}
+{{- end -}}
+{{- if not (has $op.connectVia (list "service" "nodes")) -}}
+{{- fail "broker.operator.connectVia must be service or nodes" -}}
+{{- end -}}
+{{- if and (eq $op.connectVia "nodes") (include "proxymq.operator.tls" .) -}}
+{{- fail "broker.operator.connectVia=nodes: several ';'-separated URLs are not supported with amqps:// (TLS); use connectVia=service" -}}
+{{- end -}}
+{{- if and (include "proxymq.operator.tls" .) (not .Values.broker.tls.existingSecret) -}}
+{{- fail "broker.operator.cluster.tls.secretName: set broker.tls.existingSecret to a Secret with the CA (ca.crt) the gateway and workers trust" -}}
+{{- end -}}
+{{- range (include "proxymq.brokerRoles" . | splitList " ") -}}
+{{- $b := index $root.Values.broker . -}}
+{{- if or $b.url $b.existingSecret -}}
+{{- fail (printf "broker.%s: with broker.operator.enabled the credentials come from the topology operator's User; leave broker.%s.url/existingSecret empty" . .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- range (include "proxymq.brokerRoles" . | splitList " ") -}}
 {{- $b := index $root.Values.broker . -}}
 {{- if and $root.Values.broker.bundled.enabled (or $b.url $b.existingSecret) -}}
 {{- fail (printf "broker.%s: the bundled broker makes its own users; set broker.%s.url/existingSecret only with broker.bundled.enabled=false" . .) -}}
 {{- end -}}
-{{- if not (or $root.Values.broker.bundled.enabled $b.url $b.existingSecret (and (eq . "monitoring") (not $keda))) -}}
+{{- if not (or $root.Values.broker.bundled.enabled $root.Values.broker.operator.enabled $b.url $b.existingSecret (and (eq . "monitoring") (not $keda))) -}}
 {{- fail (printf "broker: set broker.%s.url or broker.%s.existingSecret (each role has its own broker user), or enable broker.bundled" . .) -}}
 {{- end -}}
 {{- end -}}
@@ -191,10 +217,26 @@ key: {{ printf "%s-url" .role }}
 {{/* Environment shared by gateway and workers (input: dict root, role). */}}
 {{- define "proxymq.commonEnv" -}}
 {{- $root := .root -}}
+{{- if $root.Values.broker.operator.enabled }}
+{{- $secret := include "proxymq.operator.credentialsSecret" (dict "root" $root "role" .role) }}
+- name: RABBITMQ_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: username
+- name: RABBITMQ_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: password
+- name: PROXYMQ_BROKER_URL
+  value: {{ include "proxymq.operator.brokerUrl" $root | quote }}
+{{- else }}
 - name: PROXYMQ_BROKER_URL
   valueFrom:
     secretKeyRef:
       {{- include "proxymq.brokerRef" (dict "root" $root "role" .role) | nindent 6 }}
+{{- end }}
 - name: PROXYMQ_CONFIG
   value: /etc/proxymq/proxymq.toml
 - name: PROXYMQ_QUEUE_TYPE
@@ -258,4 +300,105 @@ key: {{ printf "%s-url" .role }}
   mountPath: {{ .Values.broker.tls.mountPath }}
   readOnly: true
 {{- end }}
+{{- end -}}
+
+{{/* ---- RabbitMQ on the operators (broker.operator) ---------------------------------- */}}
+
+{{/* Permissions of each broker role: the same tags and regexes as files/rabbitmq-start.sh
+(tests/deploy/test_rabbitmq_operators.py compares them). Output: YAML. */}}
+{{- define "proxymq.brokerPermissions" -}}
+gateway:
+  tags: []
+  configure: '^amq\.gen-.*$'
+  write: '^amq\.default$'
+  read: '^amq\.gen-.*$'
+workers:
+  tags: []
+  configure: '^(.*_requests|.*_requests\.dead|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+  write: '^(amq\.default|.*_requests|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+  read: '^(.*_requests|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+monitoring:
+  tags: [monitoring]
+  configure: '^$'
+  write: '^$'
+  read: '^$'
+observer:
+  tags: []
+  configure: '^(celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.reply\.celery\.pidbox)$'
+  write: '^(celery\.pidbox|celeryev\..*|.*\.reply\.celery\.pidbox)$'
+  read: '^(celeryev|celeryev\..*|reply\.celery\.pidbox|.*\.reply\.celery\.pidbox)$'
+{{- end -}}
+
+{{/* Roles that get a topology-operator User: gateway, workers, monitoring, and observer if enabled. */}}
+{{- define "proxymq.operator.roles" -}}
+gateway workers monitoring{{ if .Values.broker.operator.users.observer.enabled }} observer{{ end }}
+{{- end -}}
+
+{{- define "proxymq.operator.clusterName" -}}
+{{- .Values.broker.operator.cluster.name | default (include "proxymq.rabbitmqName" .) -}}
+{{- end -}}
+
+{{- define "proxymq.operator.clusterNamespace" -}}
+{{- .Values.broker.operator.cluster.namespace | default .Release.Namespace -}}
+{{- end -}}
+
+{{/* rabbitmqClusterReference of the topology objects. */}}
+{{- define "proxymq.operator.clusterRef" -}}
+name: {{ include "proxymq.operator.clusterName" . }}
+{{- if ne (include "proxymq.operator.clusterNamespace" .) .Release.Namespace }}
+namespace: {{ include "proxymq.operator.clusterNamespace" . }}
+{{- end }}
+{{- end -}}
+
+{{/* Name of a role's User object (input: dict root, role). */}}
+{{- define "proxymq.operator.userName" -}}
+{{- printf "%s-broker-%s" (include "proxymq.fullname" .root) .role -}}
+{{- end -}}
+
+{{/* The Secret the topology operator writes for a role's User: <user>-user-credentials,
+keys username and password (also when the credentials were imported). */}}
+{{- define "proxymq.operator.credentialsSecret" -}}
+{{- printf "%s-user-credentials" (include "proxymq.operator.userName" .) -}}
+{{- end -}}
+
+{{- define "proxymq.operator.tls" -}}
+{{- if .Values.broker.operator.cluster.tls.secretName }}yes{{ end -}}
+{{- end -}}
+
+{{- define "proxymq.operator.port" -}}
+{{- if include "proxymq.operator.tls" . }}5671{{ else }}5672{{ end -}}
+{{- end -}}
+
+{{/* The URL path of the vhost: "/" is %2F. */}}
+{{- define "proxymq.operator.vhostPath" -}}
+{{- $v := .Values.broker.operator.vhost | default "/" -}}
+{{- if eq $v "/" }}%2F{{ else }}{{ $v | urlquery }}{{ end -}}
+{{- end -}}
+
+{{/* Broker hosts: the cluster's Service, or every node (connectVia: nodes). */}}
+{{- define "proxymq.operator.hosts" -}}
+{{- $name := include "proxymq.operator.clusterName" . -}}
+{{- $ns := include "proxymq.operator.clusterNamespace" . -}}
+{{- if eq .Values.broker.operator.connectVia "nodes" -}}
+{{- $hosts := list -}}
+{{- range $i := until (int .Values.broker.operator.cluster.replicas) -}}
+{{- $hosts = append $hosts (printf "%s-server-%d.%s-nodes.%s.svc" $name $i $name $ns) -}}
+{{- end -}}
+{{- join " " $hosts -}}
+{{- else -}}
+{{- printf "%s.%s.svc" $name $ns -}}
+{{- end -}}
+{{- end -}}
+
+{{/* PROXYMQ_BROKER_URL with the operator: credentials by reference to the environment
+variables RABBITMQ_USERNAME and RABBITMQ_PASSWORD (Kubernetes expands $(VAR) of entries
+defined before it), so no secret is in the pod spec. One URL per host, ';'-separated. */}}
+{{- define "proxymq.operator.brokerUrl" -}}
+{{- $root := . -}}
+{{- $scheme := ternary "amqps" "amqp" (ne (include "proxymq.operator.tls" .) "") -}}
+{{- $urls := list -}}
+{{- range (include "proxymq.operator.hosts" . | splitList " ") -}}
+{{- $urls = append $urls (printf "%s://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@%s:%s/%s" $scheme . (include "proxymq.operator.port" $root) (include "proxymq.operator.vhostPath" $root)) -}}
+{{- end -}}
+{{- join ";" $urls -}}
 {{- end -}}
