@@ -86,7 +86,6 @@ class Streaming:
             with contextlib.suppress(OSError):
                 self.sock.close()
 
-
     def _read(self) -> bytes:
         """What has arrived: one read, waiting for data, then more while the socket has
         more at once (up to ``READ_SIZE``). So a downstream writing many small chunks
