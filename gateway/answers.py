@@ -20,6 +20,10 @@ _PHRASES = {status.value: f"{status.value} {status.phrase}" for status in HTTPSt
 _BODILESS = frozenset({204, 304})
 
 
+def status_line(status: int) -> str:
+    return _PHRASES.get(status) or f"{status} Unknown"
+
+
 @dataclass(slots=True)
 class Answer:
     status: int
@@ -27,7 +31,7 @@ class Answer:
     body: bytes = b""
 
     def __call__(self, environ, start_response):
-        start_response(_PHRASES.get(self.status) or f"{self.status} Unknown", self.headers)
+        start_response(status_line(self.status), self.headers)
         return [self.body]
 
 

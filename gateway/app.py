@@ -22,6 +22,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         config.broker_url,
         ssl=tls.ssl_options() if tls else None,
         reply_users=config.reply_users,
+        stream_buffer_bytes=config.stream_buffer_bytes,
     )
     store = JobStore(config.result_url, config.job_ttl) if config.result_url else None
     gateway = Gateway(config, link, store)

@@ -26,8 +26,10 @@ from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 
 from gateway.replies import ReplyRouter
+from gateway.streams import ABORTED, ENDED, Stream
 from proxymq.config import broker_urls
 from proxymq.confirms import ACK, LOST, ConfirmTracker
+from proxymq.envelope import CANCEL_TO_HEADER, HEAD, STREAM_HEADER, STREAM_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class BrokerLink:
         ssl: dict | None = None,
         reply_users: frozenset[str] | None = None,
         connect_timeout: float = 5,
+        stream_buffer_bytes: int = 1024 * 1024,
     ) -> None:
         """``ssl`` is ``BrokerTLS.ssl_options()`` for an ``amqps://`` URL: without it
         Kombu's TLS would not check the broker's host name. ``reply_users`` is
@@ -69,7 +72,7 @@ class BrokerLink:
         self._pid: int | None = None
         self._connection: kombu.Connection | None = None
         self._confirms: ConfirmTracker | None = None
-        self.replies = ReplyRouter()
+        self.replies = ReplyRouter(stream_buffer_bytes)
         self.reply_queue: str | None = None
         # Queues that confirmed a publish: they exist, so their names are safe metric
         # labels (a name any client can invent is not).
@@ -252,8 +255,47 @@ class BrokerLink:
         broker users: anyone who can read a request queue learns a request's reply
         queue and correlation id, but ``user_id`` is checked by the broker against the
         publisher's own login, so it cannot be forged."""
-        user = message.properties.get("user_id")
+        properties = message.properties
+        user = properties.get("user_id")
         if self._reply_users is not None and user not in self._reply_users:
             log.warning("dropped a reply from broker user %r: not in PROXYMQ_REPLY_USERS", user)
             return
-        self.replies.deliver(message.properties.get("correlation_id"), message.body)
+        correlation_id = properties.get("correlation_id")
+        headers = properties.get("application_headers")
+        kind = headers.get(STREAM_HEADER) if headers else None
+        if kind is None:
+            self.replies.deliver(correlation_id, message.body)
+            return
+        stream_id = str(headers.get(STREAM_ID_HEADER))
+        if kind != HEAD:
+            self.replies.feed(correlation_id, kind, stream_id, message.body)
+            return
+        cancel_to = str(headers.get(CANCEL_TO_HEADER) or "")
+        if not self.replies.start_stream(correlation_id, message.body, stream_id, cancel_to):
+            self.cancel(cancel_to, correlation_id)  # nobody reads it: stop the worker
+
+    def end_stream(self, correlation_id: str, stream: Stream) -> None:
+        """A stream's answer is over; unless it ended (or the worker stopped it), ask
+        the worker to stop calling the downstream."""
+        self.replies.end_stream(correlation_id)
+        if stream.state not in (ENDED, ABORTED):
+            self.cancel(stream.cancel_to, correlation_id)
+
+    def cancel(self, queue: str, correlation_id: str | None) -> None:
+        """Send a stream's cancel to the worker's cancel queue; best effort (a worker
+        that is gone has nothing left to stop), so not waited for."""
+        confirms = self._confirms
+        if confirms is None or not queue or not self._write_lock.acquire(timeout=1):
+            return
+        try:
+            message = amqp.Message(b"", correlation_id=correlation_id)
+            confirms.publish(queue, message, _ignore)
+        except Exception as exc:  # half a frame may be out: the connection is done
+            log.warning("could not send a stream's cancel: %r", exc)
+            self._break()
+        finally:
+            self._write_lock.release()
+
+
+def _ignore(_outcome: str) -> None:
+    pass

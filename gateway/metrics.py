@@ -55,6 +55,25 @@ shed_total = Counter(
 )
 
 
+streams_inflight = Gauge(
+    "proxymq_gateway_streams_inflight",
+    "Streamed answers being relayed to clients",
+    multiprocess_mode="livesum",
+)
+streamed_bytes_total = Counter(
+    "proxymq_gateway_streamed_bytes_total", "Body bytes of streamed answers sent to clients"
+)
+stream_first_byte = Histogram(
+    "proxymq_gateway_stream_first_byte_seconds",
+    "Time from request to a streamed answer's status and headers",
+    ["service"],
+    buckets=LATENCY_BUCKETS,
+)
+streams_cancelled_total = Counter(
+    "proxymq_gateway_streams_cancelled_total",
+    "Streams cut off before their end, by why (aborted, idle, client-gone, overflow)",
+    ["reason"],
+)
 jobs_total = Counter(
     "proxymq_gateway_jobs_total",
     "Asynchronous jobs by what happened at the gateway (submitted, cancelled, forgotten)",

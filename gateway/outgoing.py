@@ -9,6 +9,8 @@ import gevent
 
 from gateway import errors, incoming
 from gateway.broker import BrokerLink, BrokerUnavailable
+from gateway.replies import StreamStart
+from gateway.streams import Stream
 from proxymq.config import GatewayConfig, queue_name
 from proxymq.confirms import NACK, RETURNED
 from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply, task_message
@@ -37,8 +39,9 @@ def envelope_of(
 
 def exchange(
     link: BrokerLink, envelope: RequestEnvelope, correlation_id: str, wait: float
-) -> ReplyEnvelope:
-    """Publish the request and wait for its reply, at most ``wait`` seconds in all."""
+) -> tuple[ReplyEnvelope, Stream | None]:
+    """Publish the request and wait for its reply, at most ``wait`` seconds in all: the
+    reply, or a streamed reply's head and its stream (``gateway.streams``)."""
     give_up = time.monotonic() + wait
     waiter = link.replies.expect(correlation_id)
     try:
@@ -50,9 +53,14 @@ def exchange(
         raise errors.broker_unavailable(str(exc)) from None
     finally:
         link.replies.forget(correlation_id)
+    stream = None
+    if isinstance(data, StreamStart):
+        data, stream = data.head, data.stream
     try:
-        return decode_reply(data)
+        return decode_reply(data), stream
     except ValueError:
+        if stream is not None:
+            link.end_stream(correlation_id, stream)
         raise errors.GatewayError(502, "bad-reply", "the worker's reply is malformed") from None
 
 

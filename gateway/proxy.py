@@ -9,6 +9,7 @@ response objects, which cost more than the rest of the gateway's work on a reque
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from gateway import errors, incoming, jobs, metrics
 from gateway.answers import Answer, error_answer, reply_answer
 from gateway.broker import BrokerLink
 from gateway.outgoing import envelope_of, exchange
+from gateway.streams import StreamAnswer
 from proxymq.config import RESERVED_NAMES, GatewayConfig, is_service_name
 from proxymq.jobs import JobStore
 
@@ -50,7 +52,9 @@ class ProxyRoute:
         return handle(self._gateway, environ, service, rest, query)(environ, start_response)
 
 
-def handle(gateway: Gateway, environ: dict, service: str, path: str, query: str | None) -> Answer:
+def handle(
+    gateway: Gateway, environ: dict, service: str, path: str, query: str | None
+) -> Answer | StreamAnswer:
     """One request through the queue and back; every failure is the gateway's answer."""
     started = time.perf_counter()
     correlation_id = str(uuid.uuid4())
@@ -73,8 +77,14 @@ def handle(gateway: Gateway, environ: dict, service: str, path: str, query: str 
             envelope = envelope_of(request, wait, config)
             label = metrics.label(service, config, link.known_queues)
             with metrics.inflight.labels(label).track_inprogress():
-                reply = exchange(link, envelope, correlation_id, wait)
-            answer, code = reply_answer(reply, correlation_id, method), reply.error
+                reply, stream = exchange(link, envelope, correlation_id, wait)
+            if stream is None:
+                answer, code = reply_answer(reply, correlation_id, method), reply.error
+            else:
+                metrics.stream_first_byte.labels(label).observe(time.perf_counter() - started)
+                idle = config.stream_idle_timeout
+                done = functools.partial(link.end_stream, correlation_id)
+                answer, code = StreamAnswer(reply, stream, correlation_id, idle, done), None
     except errors.GatewayError as error:
         answer, code = error_answer(error, correlation_id), error.code
     except Exception:

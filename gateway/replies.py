@@ -8,14 +8,31 @@ outcome, so the map never outgrows the requests in flight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from gevent.event import AsyncResult
+
+from gateway.streams import Stream
+from proxymq.envelope import ABORT
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """What a waiter gets when its reply streams: the head (a reply envelope, empty
+    body) and the stream its parts go to."""
+
+    head: bytes
+    stream: Stream
 
 
 class ReplyRouter:
-    """Hands each reply body to the request waiting for its correlation id."""
+    """Hands each reply body to the request waiting for its correlation id, and each
+    part of a streamed reply to its stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_buffer_bytes: int = 1024 * 1024) -> None:
         self._waiting: dict[str, AsyncResult] = {}
+        self._streams: dict[str, Stream] = {}
+        self._buffer = stream_buffer_bytes
 
     def expect(self, correlation_id: str) -> AsyncResult:
         waiter = AsyncResult()
@@ -33,8 +50,33 @@ class ReplyRouter:
         waiter.set(body)
         return True
 
+    def start_stream(
+        self, correlation_id: str | None, head: bytes, stream_id: str, cancel_to: str
+    ) -> bool:
+        """A streamed reply's head: wake its waiter with the stream the parts will feed.
+        False when nobody waits, or the request already streams (a second attempt)."""
+        if not correlation_id or correlation_id in self._streams:
+            return False
+        waiter = self._waiting.pop(correlation_id, None)
+        if waiter is None:
+            return False
+        stream = self._streams[correlation_id] = Stream(stream_id, cancel_to, self._buffer)
+        waiter.set(StreamStart(head, stream))
+        return True
+
+    def feed(self, correlation_id: str | None, kind: str, stream_id: str, body: bytes) -> None:
+        stream = self._streams.get(correlation_id) if correlation_id else None
+        if stream is not None:
+            stream.feed(kind, stream_id, body)
+
+    def end_stream(self, correlation_id: str) -> None:
+        self._streams.pop(correlation_id, None)
+
     def fail_all(self, error: BaseException) -> None:
-        """Wake every waiter with ``error``: their replies can no longer arrive."""
+        """Wake every waiter with ``error``: their replies can no longer arrive; and cut
+        off every stream, whose parts cannot either."""
         waiting, self._waiting = self._waiting, {}
         for waiter in waiting.values():
             waiter.set_exception(error)
+        for stream in list(self._streams.values()):
+            stream.feed(ABORT, stream.id, b"")

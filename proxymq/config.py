@@ -393,6 +393,8 @@ class GatewayConfig:
     body_timeout: float = 30.0
     reply_users: frozenset[str] | None = None
     broker_tls: BrokerTLS | None = None
+    stream_idle_timeout: float = 30.0
+    stream_buffer_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
@@ -413,6 +415,12 @@ class GatewayConfig:
             body_timeout=read(env, "PROXYMQ_BODY_TIMEOUT", positive_number, d.body_timeout),
             reply_users=read(env, "PROXYMQ_REPLY_USERS", _user_list, d.reply_users),
             broker_tls=broker_tls(env, broker_url(env)),
+            stream_idle_timeout=read(
+                env, "PROXYMQ_STREAM_IDLE_TIMEOUT", positive_number, d.stream_idle_timeout
+            ),
+            stream_buffer_bytes=read(
+                env, "PROXYMQ_STREAM_BUFFER_BYTES", positive_int, d.stream_buffer_bytes
+            ),
         )
 
 
@@ -468,6 +476,7 @@ class WorkerConfig:
     task_events: bool = True
     max_response_bytes: int = 10 * 1024 * 1024
     broker_tls: BrokerTLS | None = None
+    stream_idle_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], queues: list[str] | None = None) -> WorkerConfig:
@@ -493,6 +502,9 @@ class WorkerConfig:
                 env, "PROXYMQ_MAX_RESPONSE_BYTES", positive_int, d.max_response_bytes
             ),
             broker_tls=broker_tls(env, broker_url(env)),
+            stream_idle_timeout=read(
+                env, "PROXYMQ_STREAM_IDLE_TIMEOUT", positive_number, d.stream_idle_timeout
+            ),
         )
 
 

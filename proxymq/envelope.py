@@ -14,6 +14,13 @@ possibly large bodies, result-backend bookkeeping).
 Bodies are raw bytes, so the serializer is msgpack (Kombu and Celery support it
 natively): JSON would need base64 and cost a third more bytes and a copy each way.
 A reply is a plain msgpack map published to the gateway's reply queue.
+
+A streamed reply (``text/event-stream``, or chunked without a length) is several
+messages to that queue, told apart by the ``x-proxymq-stream`` header: a ``head`` (the
+reply map with an empty body: status and headers), then ``chunk``s (raw body bytes),
+then ``end``, or ``abort`` when the downstream failed midway. Every part carries the
+stream's id, new for each attempt, so a redelivered request's parts can never be
+spliced into a stream already under way; the head names the worker's cancel queue.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ DELIVERIES_HEADER = "proxymq_deliveries"
 SENT_HEADER = "proxymq_sent"
 CONTENT_TYPE = "application/x-msgpack"
 CONTENT_ENCODING = "binary"
+
+# Streamed replies (see above): the part's kind, its stream, where to cancel it.
+STREAM_HEADER = "x-proxymq-stream"
+STREAM_ID_HEADER = "x-proxymq-stream-id"
+CANCEL_TO_HEADER = "x-proxymq-cancel-to"
+HEAD, CHUNK, END, ABORT = "head", "chunk", "end", "abort"
 
 # Celery protocol 2: the third element of the body ("embed") names workflow links.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

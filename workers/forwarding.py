@@ -24,6 +24,7 @@ from proxymq.config import ServiceConfig
 from proxymq.envelope import ReplyEnvelope
 from proxymq.headers import end_to_end
 from workers.delivery import Delivery
+from workers.streaming import Streaming, streams
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,10 @@ class Connections:
             connection.sock.settimeout(timeout)
         return connection
 
+    def detach(self, base: SplitResult) -> None:
+        """Forget the connection without closing it: a stream's relay owns it now."""
+        self._local.__dict__.get("connections", {}).pop((base.scheme, base.netloc), None)
+
     def discard(self, base: SplitResult) -> None:
         pool = self._local.__dict__.get("connections", {})
         connection = pool.pop((base.scheme, base.netloc), None)
@@ -168,13 +173,16 @@ def _dropped(connection: http.client.HTTPConnection) -> bool:
         return True
 
 
-def call(connections: Connections, delivery: Delivery, limit: int) -> ReplyEnvelope:
+def call(
+    connections: Connections, delivery: Delivery, limit: int, stream: bool = False
+) -> ReplyEnvelope | Streaming:
     """Call the downstream once; never raises for a downstream failure.
 
     The target is the downstream URL's path plus the client's path and query, exactly
     as sent. The body is read raw (not decompressed), so it reaches the client byte for
     byte, as do the headers, in order and repeated. An answer over ``limit`` bytes is
-    not read further: its connection is dropped and the reply is 502.
+    not read further: its connection is dropped and the reply is 502. With ``stream``,
+    an answer that streams (``workers.streaming``) comes back unread, as ``Streaming``.
     """
     service, request = delivery.service, delivery.request
     base = urlsplit(service.downstream_url)
@@ -193,7 +201,12 @@ def call(connections: Connections, delivery: Delivery, limit: int) -> ReplyEnvel
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             connection.putheader("Content-Length", str(len(request.body)))
         connection.endheaders(request.body or None)
+        sock = connection.sock
         response = connection.getresponse()
+        if stream and request.method != "HEAD" and streams(response):
+            connections.detach(base)
+            head = ReplyEnvelope(status=response.status, headers=end_to_end(response.getheaders()))
+            return Streaming(head, response, sock)
         # ``length`` is the declared Content-Length (None when chunked, 0 for HEAD).
         declared = response.length
         if declared is not None and declared > limit:

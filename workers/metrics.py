@@ -50,3 +50,8 @@ jobs_total = Counter(
     "Asynchronous jobs by outcome (completed, failed, skipped after a cancel)",
     ["service", "outcome"],
 )
+streams_total = Counter(
+    "proxymq_worker_streams_total",
+    "Streamed answers relayed, by how they ended (end, abort, cancelled)",
+    ["service", "outcome"],
+)

@@ -24,14 +24,23 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 
 from kombu.message import Message
 
 from proxymq.config import QUEUE_SUFFIX, ServiceConfig
-from proxymq.confirms import ACK, NACK, RETURNED
-from proxymq.envelope import ReplyEnvelope, recounted
+from proxymq.confirms import ACK, LOST, NACK, RETURNED
+from proxymq.envelope import (
+    CANCEL_TO_HEADER,
+    HEAD,
+    STREAM_HEADER,
+    STREAM_ID_HEADER,
+    ReplyEnvelope,
+    encode_reply,
+    recounted,
+)
 from workers import answering, batch_call, forwarding, metrics, poison
 from workers.admission import Verdict, admit
 from workers.batching import Batcher
@@ -39,6 +48,7 @@ from workers.delivery import Delivery, Malformed, take
 from workers.events import TaskEvents
 from workers.publisher import Publisher, properties_of
 from workers.runtime import Runtime
+from workers.streaming import Streaming, Streams
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ log = logging.getLogger(__name__)
 PUBLISH = "publish"  # reply to the client's reply queue, ack once confirmed
 ACKNOWLEDGE = "ack"  # answered elsewhere (a job), or a cancelled job: ack now
 REQUEUE = "requeue"  # could not be answered: back to the queue
+STREAMED = "streamed"  # relayed in parts, settled when its head was confirmed
 
 Outcome = tuple[Delivery, ReplyEnvelope | None, str]
 
@@ -67,6 +78,8 @@ class Pipeline:
         }
         self.events = TaskEvents(consumer)
         self._publisher: Publisher | None = None
+        self._streams = Streams()
+        self._cancel_queue = ""
         self._done: deque[tuple[ServiceConfig, list[Outcome], float]] = deque()
         self._taking = False
         self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -94,6 +107,7 @@ class Pipeline:
         """Start publishing on ``connection`` (after every connect; before consuming)."""
         self._publisher = Publisher(connection)
         self._publisher.declare_dead_queues(self.services)
+        self._cancel_queue = self._publisher.listen_for_cancels(self._streams.cancel)
         for batcher in self._batchers.values():
             batcher.attach(connection.connection.sock)
         self._taking = True
@@ -109,6 +123,7 @@ class Pipeline:
     def close(self) -> None:
         """The channel is going: what is unconfirmed now is the broker's to redeliver."""
         self.stop_taking()
+        self._streams.cancel_all()  # their parts could not be published any more
         if self._publisher is not None:
             self._publisher.close()
 
@@ -222,15 +237,14 @@ class Pipeline:
             runs = not delivery.request.job or answering.start_job(runtime, delivery)
             (live if runs else skipped).append(delivery)
         replies: dict[str, ReplyEnvelope] = {}
+        streamed: set[str] = set()
         if live:
             call_started = time.perf_counter()
             limit = runtime.config.max_response_bytes
             if service.batch_url:
                 replies = batch_call.call(runtime.http, live, limit)
             else:
-                replies = {
-                    d.correlation_id: forwarding.call(runtime.connections, d, limit) for d in live
-                }
+                replies = {d.correlation_id: self._call_one(d, limit, streamed) for d in live}
             metrics.downstream_duration.labels(service.name).observe(
                 time.perf_counter() - call_started
             )
@@ -238,8 +252,34 @@ class Pipeline:
         for delivery in live:
             reply = replies[delivery.correlation_id]
             metrics.downstream_requests_total.labels(service.name, str(reply.status)).inc()
-            outcomes.append((delivery, reply, self._store(delivery, reply)))
+            streams = delivery.correlation_id in streamed
+            action = STREAMED if streams else self._store(delivery, reply)
+            outcomes.append((delivery, reply, action))
         return outcomes
+
+    def _call_one(self, delivery: Delivery, limit: int, streamed: set[str]) -> ReplyEnvelope:
+        """A single call; an answer that streams is relayed here, part by part (and its
+        correlation id added to ``streamed``)."""
+        may_stream = delivery.answers_a_client and not delivery.request.job
+        result = forwarding.call(self._runtime.connections, delivery, limit, stream=may_stream)
+        if not isinstance(result, Streaming):
+            return result
+        correlation_id, stream_id = delivery.correlation_id, uuid.uuid4().hex
+        streamed.add(correlation_id)
+        call_soon = self._consumer.call_soon
+        self._streams.add(correlation_id, result)
+        try:
+            call_soon(_safely, self._publish_head, delivery, result, stream_id)
+
+            def send(kind: str, body: bytes) -> None:
+                call_soon(_safely, self._publish_part, delivery, result, stream_id, kind, body)
+
+            config = self._runtime.config
+            ended = result.relay(send, config.stream_idle_timeout, limit)
+        finally:
+            self._streams.remove(correlation_id)
+        metrics.streams_total.labels(delivery.service.name, ended).inc()
+        return result.head
 
     def _store(self, delivery: Delivery, reply: ReplyEnvelope) -> str:
         if not delivery.request.job:
@@ -269,6 +309,8 @@ class Pipeline:
     def _settle_outcome(self, delivery: Delivery, reply: ReplyEnvelope | None, action: str) -> None:
         if reply is not None:
             self.events.answered(delivery, reply)
+        if action == STREAMED:
+            return
         if action == PUBLISH:
             self._publisher.reply(
                 delivery.reply_to, delivery.correlation_id, reply, self._settler(delivery.message)
@@ -286,6 +328,42 @@ class Pipeline:
             self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, _ignore)
         elif delivery.request.job and self._runtime.jobs is not None:
             self._work.put(functools.partial(self._store, delivery, reply))
+
+    def _publish_head(self, delivery: Delivery, streaming: Streaming, stream_id: str) -> None:
+        """A stream's status and headers. Its request is acknowledged as soon as the broker
+        holds the head: a redelivery after that would start a second copy of a stream the
+        client is already reading, so from then on a worker's death ends the stream
+        instead (the gateway cuts the response off). Before the head, the request is
+        redelivered as any other."""
+        headers = {
+            STREAM_HEADER: HEAD,
+            STREAM_ID_HEADER: stream_id,
+            CANCEL_TO_HEADER: self._cancel_queue,
+        }
+
+        def settled(outcome: str) -> None:
+            if outcome != ACK:  # no gateway will read the rest
+                streaming.cancel()
+            if outcome != LOST:
+                _ack(delivery.message)
+
+        body = encode_reply(streaming.head)
+        self._publisher.reply_part(
+            delivery.reply_to, delivery.correlation_id, body, headers, settled
+        )
+
+    def _publish_part(
+        self, delivery: Delivery, streaming: Streaming, stream_id: str, kind: str, body: bytes
+    ) -> None:
+        headers = {STREAM_HEADER: kind, STREAM_ID_HEADER: stream_id}
+
+        def settled(outcome: str) -> None:
+            if outcome != ACK:  # its gateway is gone (RETURNED), or our connection
+                streaming.cancel()
+
+        self._publisher.reply_part(
+            delivery.reply_to, delivery.correlation_id, body, headers, settled
+        )
 
     def _settler(self, message: Message) -> Callable[[str], None]:
         """What to do with ``message`` once the broker answers for what replaced it."""

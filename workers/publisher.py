@@ -10,7 +10,8 @@ delivered again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 
 import amqp
 
@@ -62,18 +63,32 @@ class Publisher:
             )
 
     def publish(
-        self, routing_key: str, body: bytes, headers: dict, properties: dict, settled: Settled
+        self,
+        routing_key: str,
+        body: bytes,
+        headers: dict,
+        properties: dict,
+        settled: Settled,
+        mandatory: bool = False,
     ) -> None:
         """Publish to the default exchange (routing by queue name); ``settled`` gets the
         broker's answer (``proxymq.confirms``). AMQP properties as the envelope makes
         them (expiration in milliseconds, as text)."""
         message = amqp.Message(body, application_headers=headers, **properties)
-        self._confirms.publish(routing_key, message, settled)
+        self._confirms.publish(routing_key, message, settled, mandatory)
 
     def reply(
         self, reply_to: str, correlation_id: str, reply: ReplyEnvelope, settled: Settled
     ) -> None:
         """Publish ``reply``; a reply queue that is gone (its gateway stopped) drops it."""
+        self.reply_part(reply_to, correlation_id, encode_reply(reply), {}, settled)
+
+    def reply_part(
+        self, reply_to: str, correlation_id: str, body: bytes, headers: dict, settled: Settled
+    ) -> None:
+        """Publish a reply, or one part of a streamed one (``headers`` say which).
+
+        Mandatory for a stream's parts: RETURNED then tells that its gateway is gone."""
         properties = {
             "correlation_id": correlation_id,
             "content_type": CONTENT_TYPE,
@@ -81,7 +96,23 @@ class Publisher:
             "delivery_mode": 1,
             "user_id": self._user_id,
         }
-        self.publish(reply_to, encode_reply(reply), {}, properties, settled)
+        self.publish(reply_to, body, headers, properties, settled, mandatory=bool(headers))
+
+    def listen_for_cancels(self, cancel: Callable[[str | None], None]) -> str:
+        """Declare this connection's cancel queue and consume it; return its name.
+
+        A gateway whose client is gone sends the stream's correlation id there (the
+        queue a stream's head names); ``cancel`` runs in the consumer thread. A queue of
+        our own rather than Celery's revoke: revoke is a broadcast to every worker
+        through ``celery.pidbox``, which the gateway's broker user may not write, and
+        it only marks a task id, while a stream's call must be interrupted.
+        """
+        queue = f"proxymq.cancel.{uuid.uuid4().hex}"
+        self._channel.queue_declare(queue, exclusive=True, auto_delete=True)
+        self._channel.basic_consume(
+            queue, no_ack=True, callback=lambda m: cancel(m.properties.get("correlation_id"))
+        )
+        return queue
 
     def close(self) -> None:
         """The connection is gone or closing: whatever is unconfirmed is lost."""

@@ -1,0 +1,241 @@
+"""Streamed answers end to end: a raw-socket downstream that streams, the real worker and
+gateway, and clients that read slowly, stop reading or hang up (issue: streaming)."""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+from stack import free_port, unique_service, wait_for
+
+
+class StreamingDownstream:
+    """Answers every request with ``text/event-stream`` (or plain chunked): ``events``
+    events ``gap`` seconds apart, then the last chunk; ``events=0`` streams for ever.
+    Records each call (its correlation id, its chunks sent) and when the worker closed
+    the connection."""
+
+    def __init__(self, events: int, gap: float, kind: str = "text/event-stream") -> None:
+        self.events, self.gap, self.kind = events, gap, kind
+        self.port = free_port()
+        self.calls: list[dict] = []
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        request = conn.recv(65536).decode("latin-1")
+        cid = next(
+            (line.split(":", 1)[1].strip() for line in request.split("\r\n")
+             if line.lower().startswith("x-correlation-id:")),
+            None,
+        )  # fmt: skip
+        call = {"cid": cid, "sent": 0, "closed": None, "path": request.split(" ")[1]}
+        self.calls.append(call)
+        conn.sendall(
+            f"HTTP/1.1 200 OK\r\nContent-Type: {self.kind}\r\n"
+            "Transfer-Encoding: chunked\r\nX-Stream: yes\r\n\r\n".encode()
+        )
+        try:
+            number = 0
+            while self.events == 0 or number < self.events:
+                event = f"data: event {number}\n\n".encode()
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                call["sent"] += 1
+                number += 1
+                # Wait the gap, but notice at once when the worker closes the connection.
+                if select.select([conn], [], [], self.gap)[0] and not conn.recv(1, socket.MSG_PEEK):
+                    raise ConnectionResetError("closed by the worker")
+            conn.sendall(b"0\r\n\r\n")
+            conn.settimeout(30)
+            conn.recv(1)  # keep-alive: wait for the worker to close
+        except OSError:
+            pass
+        call["closed"] = time.monotonic()
+        conn.close()
+
+
+def events_in(body: bytes) -> int:
+    return body.count(b"data: event")
+
+
+def read_raw(url: str, path: str, until: bytes | None = None, timeout: float = 20.0):
+    """GET ``path`` on a raw socket; everything the gateway sends until it closes (or,
+    with ``until``, until that appears). Returns the socket, the bytes, and for each
+    recv (seconds since the request, events received by then)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+    started, data, arrivals = time.monotonic(), b"", []
+    while until is None or until not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        arrivals.append((time.monotonic() - started, events_in(data)))
+    return sock, data, arrivals
+
+
+@pytest.fixture(scope="module")
+def sse():
+    return StreamingDownstream(events=10, gap=0.2)
+
+
+@pytest.fixture(scope="module")
+def streamed(stack, sse):
+    service = unique_service("sse")
+    stack.worker(service, sse.url)
+    return service
+
+
+@pytest.fixture(scope="module")
+def gateway(stack, streamed):
+    return stack.gateway(PROXYMQ_STREAM_IDLE_TIMEOUT="2")
+
+
+def test_an_event_stream_reaches_the_client_event_by_event(gateway, streamed):
+    sock, data, times = read_raw(gateway.url, f"/{streamed}/events")
+    sock.close()
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Transfer-Encoding: chunked" in head and b"X-Stream: yes" in head
+    assert b"X-Correlation-ID: " in head and b"Content-Length" not in head
+    assert events_in(body) == 10 and body.endswith(b"0\r\n\r\n")  # a clean end
+    # The first event came long before the last was even produced (10 x 0.2 s).
+    first = next(seconds for seconds, events in times if events >= 1)
+    assert first < 1.0 and times[-1][0] > 1.6
+
+
+def test_a_plain_chunked_answer_without_length_streams_too(stack):
+    chunked = StreamingDownstream(events=5, gap=0.2, kind="application/octet-stream")
+    service = unique_service("chunked")
+    stack.worker(service, chunked.url)
+    gateway = stack.gateway()
+    with requests.get(f"{gateway.url}/{service}/x", stream=True, timeout=20) as response:
+        started = time.monotonic()
+        chunks = response.iter_content(chunk_size=None)
+        first = next(chunks)
+        arrived = time.monotonic() - started
+        rest = b"".join(chunks)
+    assert first.startswith(b"data: event 0") and arrived < 0.6
+    assert events_in(first + rest) == 5
+
+
+def test_a_client_that_hangs_up_cancels_the_downstream_call_within_a_second(stack):
+    endless = StreamingDownstream(events=0, gap=0.1)
+    service = unique_service("hangup")
+    stack.worker(service, endless.url)
+    gateway = stack.gateway()
+    sock, _, _ = read_raw(gateway.url, f"/{service}/x", until=b"data: event 2")
+    hung_up = time.monotonic()
+    sock.close()
+    (call,) = endless.calls
+    wait_for(lambda: call["closed"] is not None, 5, "the downstream connection to close")
+    assert call["closed"] - hung_up < 1.0
+    metrics = requests.get(gateway.url + "/metrics").text
+    assert 'proxymq_gateway_streams_cancelled_total{reason="client-gone"} 1.0' in metrics
+
+
+def test_a_stream_that_goes_quiet_is_cut_off_after_the_idle_timeout(stack):
+    stalling = StreamingDownstream(events=0, gap=30)  # one event, then nothing
+    service = unique_service("quiet")
+    stack.worker(service, stalling.url, PROXYMQ_STREAM_IDLE_TIMEOUT="30")
+    gateway = stack.gateway(PROXYMQ_STREAM_IDLE_TIMEOUT="1")
+    started = time.monotonic()
+    sock, data, _ = read_raw(gateway.url, f"/{service}/x")
+    ended = time.monotonic()
+    sock.close()
+    assert events_in(data) == 1
+    assert not data.endswith(b"0\r\n\r\n")  # cut off: no last chunk
+    assert 0.9 < ended - started < 3
+    (call,) = stalling.calls
+    wait_for(lambda: call["closed"] is not None, 5, "the downstream connection to close")
+    assert call["closed"] - ended < 1.0
+
+
+def test_a_client_too_slow_for_its_buffer_is_cut_off_and_delays_nobody(stack):
+    flood = StreamingDownstream(events=0, gap=0)  # as fast as it can
+    service = unique_service("flood")
+    stack.worker(service, flood.url)
+    gateway = stack.gateway(PROXYMQ_STREAM_BUFFER_BYTES="65536")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect((host, int(port)))
+    slow.sendall(f"GET /{service}/x HTTP/1.1\r\nHost: a\r\n\r\n".encode())  # and never read
+    (call,) = [c for c in _wait_calls(flood, 1)]
+    for _ in range(5):  # the same process answers others at once meanwhile
+        started = time.monotonic()
+        assert requests.get(gateway.url + "/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - started < 0.5
+    wait_for(lambda: call["closed"] is not None, 10, "the stream to be cancelled")
+    metrics = requests.get(gateway.url + "/metrics").text
+    assert 'proxymq_gateway_streams_cancelled_total{reason="overflow"} 1.0' in metrics
+    slow.close()
+
+
+def _wait_calls(downstream: StreamingDownstream, count: int) -> list[dict]:
+    wait_for(lambda: len(downstream.calls) >= count, 10, "the downstream call")
+    return downstream.calls
+
+
+def test_a_worker_killed_mid_stream_cuts_the_answer_off_and_nothing_is_spliced_in(stack):
+    endless = StreamingDownstream(events=0, gap=0.1)
+    service = unique_service("killed")
+    victim = stack.worker(service, endless.url)
+    gateway = stack.gateway(PROXYMQ_STREAM_IDLE_TIMEOUT="2")
+    sock = None
+    try:
+        sock, data, _ = read_raw(gateway.url, f"/{service}/x", until=b"data: event 3")
+        victim.signal(signal.SIGKILL)
+        stack.worker(service, endless.url)  # a second worker: no redelivery must reach it
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        if sock is not None:
+            sock.close()
+    assert not data.endswith(b"0\r\n\r\n")
+    body = data.split(b"\r\n\r\n", 1)[1]
+    numbers = [int(line.split()[-1]) for line in body.split(b"\n") if b"data: event" in line]
+    assert numbers == list(range(len(numbers)))  # one copy, in order, no restart at 0
+    time.sleep(1)
+    assert len(endless.calls) == 1  # acknowledged with its head: never delivered again
+
+
+def test_a_job_stores_the_whole_streamed_answer(stack):
+    sse = StreamingDownstream(events=3, gap=0.05)
+    service = unique_service("jobsse")
+    result_url = "redis://127.0.0.1:6379/0"
+    stack.worker(service, sse.url, PROXYMQ_RESULT_URL=result_url)
+    gateway = stack.gateway(PROXYMQ_RESULT_URL=result_url)
+    accepted = requests.post(
+        f"{gateway.url}/{service}/x", headers={"Prefer": "respond-async"}, timeout=10
+    )
+    location = accepted.headers["Location"]
+    answers = []
+    wait_for(
+        lambda: (
+            answers.append(requests.get(gateway.url + location)) or answers[-1].status_code != 202
+        ),
+        10,
+        "the job",
+    )
+    assert answers[-1].status_code == 200 and events_in(answers[-1].content) == 3
+    assert uuid.UUID(accepted.headers["X-Correlation-ID"])

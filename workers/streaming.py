@@ -1,0 +1,122 @@
+"""Streamed answers: a downstream answer relayed in parts, as it arrives.
+
+An answer streams when it is ``text/event-stream``, or chunked without a length, and
+its request is a synchronous one (a job stores the whole answer; batch mode answers
+many requests with one body). ``workers.forwarding`` hands over the response unread
+with its head; the call thread then reads it here, chunk by chunk, and gives each part
+to the consumer thread to publish (``workers.pipeline``), in order, to the gateway's
+reply queue (parts: ``proxymq.envelope``).
+
+The relay ends at the answer's end, at ``PROXYMQ_STREAM_IDLE_TIMEOUT`` seconds without
+a chunk, past ``PROXYMQ_MAX_RESPONSE_BYTES`` in all, or when it is cancelled: the
+gateway asks (its client left, or stopped reading) through this worker's cancel queue,
+and ``Streams.cancel`` shuts the downstream socket under the blocked read, so the
+downstream sees its connection close at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import select
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxymq.envelope import ABORT, CHUNK, END, ReplyEnvelope
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+
+
+def streams(response: http.client.HTTPResponse) -> bool:
+    """Whether this answer is relayed in parts rather than read whole."""
+    kind = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    return kind == "text/event-stream" or (response.chunked and response.length is None)
+
+
+@dataclass(eq=False)
+class Streaming:
+    """A downstream answer whose body is still to be read: its head, and its socket."""
+
+    head: ReplyEnvelope
+    response: http.client.HTTPResponse
+    sock: socket.socket
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """From any thread: stop the relay, and close the downstream connection now."""
+        self.cancelled.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def relay(self, send: Callable[[str, bytes], None], idle: float, limit: int) -> str:
+        """Read the body and ``send(kind, bytes)`` each part; return how it ended (END,
+        ABORT, or "cancelled", when nothing more is sent)."""
+        size = 0
+        try:
+            self.sock.settimeout(idle)
+            while not self.cancelled.is_set():
+                chunk = self._read()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    log.warning("stream over %d bytes: cut off", limit)
+                    send(ABORT, b"")
+                    return ABORT
+                send(CHUNK, chunk)
+            else:
+                return "cancelled"
+            if self.cancelled.is_set():  # the shutdown made the read return nothing
+                return "cancelled"
+            send(END, b"")
+            return END
+        except (OSError, http.client.HTTPException) as exc:
+            if self.cancelled.is_set():
+                return "cancelled"
+            log.warning("stream broken: %s: %s", type(exc).__name__, exc)
+            send(ABORT, b"")
+            return ABORT
+        finally:
+            self.response.close()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def _read(self) -> bytes:
+        """What has arrived: one read, waiting for data, then more while the socket has
+        more at once (up to ``READ_SIZE``). So a downstream writing many small chunks
+        fast becomes a few large messages, and one writing an event now and then still
+        has each event sent the moment it arrives."""
+        data = self.response.read1(READ_SIZE)
+        while data and len(data) < READ_SIZE and select.select([self.sock], [], [], 0)[0]:
+            more = self.response.read1(READ_SIZE - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+
+class Streams:
+    """The streams a worker is relaying, by correlation id, for cancels to find."""
+
+    def __init__(self) -> None:
+        self._relaying: dict[str, Streaming] = {}
+
+    def add(self, correlation_id: str, streaming: Streaming) -> None:
+        self._relaying[correlation_id] = streaming
+
+    def remove(self, correlation_id: str) -> None:
+        self._relaying.pop(correlation_id, None)
+
+    def cancel(self, correlation_id: str | None) -> None:
+        streaming = self._relaying.get(correlation_id) if correlation_id else None
+        if streaming is not None:
+            streaming.cancel()
+
+    def cancel_all(self) -> None:
+        for streaming in list(self._relaying.values()):
+            streaming.cancel()
