@@ -103,14 +103,14 @@ class Once:
                 record = self._store.get(self._claim)
             except redis.RedisError:
                 raise store_unavailable() from None
-            if record is None:
-                continue  # released or expired just now: claim it
-            if record.fp != self._claim.fp:
+            if record is not None and record.fp != self._claim.fp:
                 raise reused()
-            if record.state == DONE:
+            if record is not None and record.state == DONE:
                 metrics.idempotent_replays_total.labels(self._label()).inc()
                 return record
-            if not waited:
+            if record is None:
+                pass  # released or expired just now: claim it after the pause
+            elif not waited:
                 waited = True
                 metrics.idempotent_waits_total.labels(self._label()).inc()
             if time.monotonic() >= give_up:

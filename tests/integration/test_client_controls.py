@@ -347,6 +347,33 @@ def test_under_backlog_higher_priorities_are_served_first(stack, gateway, downst
     )
 
 
+def test_under_backlog_higher_priority_synchronous_requests_are_answered_first(
+    stack, gateway, downstream
+):
+    service = unique_service("priosync")
+    stack.worker(service, downstream.url, PROXYMQ_MAX_PRIORITY="9").stop()
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def call(path, priority):
+        response = post(gateway, service, path, b"", **{"X-ProxyMQ-Priority": str(priority)})
+        assert response.status_code == 200
+        with lock:
+            answered.append(path)
+
+    with ThreadPoolExecutor(210) as pool:
+        done = [pool.submit(call, f"/low/{i}", 0) for i in range(200)]
+        wait_for(lambda: queue_depth(f"{service}_requests") == 200, 30, "the low backlog")
+        done += [pool.submit(call, f"/high/{i}", 9) for i in range(10)]
+        wait_for(lambda: queue_depth(f"{service}_requests") == 210, 30, "the backlog")
+        stack.worker(service, downstream.url, "-c", "2", PROXYMQ_MAX_PRIORITY="9")
+        for future in done:
+            future.result(60)
+    positions = [i for i, path in enumerate(answered) if path.startswith("/high")]
+    assert len(positions) == 10
+    assert max(positions) < 20, positions
+
+
 class BatchEndpoint:
     """A batch downstream that records the order of the items it was sent."""
 
