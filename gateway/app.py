@@ -10,6 +10,7 @@ from gateway.broker import BrokerLink
 from gateway.proxy import Gateway, ProxyRoute
 from gateway.views import views
 from proxymq.config import GatewayConfig
+from proxymq.idempotency import IdempotencyStore
 from proxymq.jobs import JobStore
 
 
@@ -25,7 +26,8 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         stream_buffer_bytes=config.stream_buffer_bytes,
     )
     store = JobStore(config.result_url, config.job_ttl) if config.result_url else None
-    gateway = Gateway(config, link, store)
+    keys = IdempotencyStore(config.result_url, config.idempotency_ttl) if store else None
+    gateway = Gateway(config, link, store, keys)
     app = Flask(__name__)
     app.url_map.merge_slashes = False
     app.extensions["proxymq"] = gateway

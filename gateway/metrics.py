@@ -80,6 +80,27 @@ jobs_total = Counter(
     ["service", "event"],
 )
 
+idempotent_replays_total = Counter(
+    "proxymq_gateway_idempotent_replays_total",
+    "Repeats of an Idempotency-Key answered with the first request's answer",
+    ["service"],
+)
+idempotent_waits_total = Counter(
+    "proxymq_gateway_idempotent_waits_total",
+    "Repeats of an Idempotency-Key that waited for the first request, still running",
+    ["service"],
+)
+async_fallbacks_total = Counter(
+    "proxymq_gateway_async_fallbacks_total",
+    "Prefer: respond-async, wait=<s> requests not done within the wait (answered 202)",
+    ["service"],
+)
+requests_by_priority_total = Counter(
+    "proxymq_gateway_requests_by_priority_total",
+    "Requests sent with X-ProxyMQ-Priority, by priority",
+    ["service", "priority"],
+)
+
 
 def label(service: str, config: GatewayConfig, known_queues: set[str]) -> str:
     """The service as a metric label, only once it is known to be real: allowed by

@@ -7,7 +7,7 @@ import time
 
 import gevent
 
-from gateway import errors, incoming
+from gateway import controls, errors, incoming
 from gateway.broker import BrokerLink, BrokerUnavailable
 from gateway.replies import StreamStart
 from gateway.streams import Stream
@@ -34,6 +34,7 @@ def envelope_of(
         deadline=int((time.time() + wait) * 1000),
         job=job,
         callback=callback,
+        priority=controls.priority(request.headers),
     )
 
 

@@ -15,12 +15,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from gateway import errors, incoming, jobs, metrics
+from gateway import controls, errors, idempotency, incoming, jobs, metrics
 from gateway.answers import Answer, error_answer, reply_answer
 from gateway.broker import BrokerLink
 from gateway.outgoing import envelope_of, exchange
 from gateway.streams import StreamAnswer
 from proxymq.config import RESERVED_NAMES, GatewayConfig, is_service_name
+from proxymq.idempotency import IdempotencyStore
 from proxymq.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Gateway:
     config: GatewayConfig
     link: BrokerLink
     store: JobStore | None
+    idempotency: IdempotencyStore | None = None
 
 
 class ProxyRoute:
@@ -70,21 +72,15 @@ def handle(
         headers = incoming.headers_of(environ)
         incoming.check_header_size(headers, config)
         request = incoming.ClientRequest(environ, service, method, path, query, headers)
+        key = controls.idempotency_key(headers)
+        priority = controls.priority(headers)
         if incoming.wants_async(headers):
-            answer = jobs.submit(gateway, request, correlation_id)
+            answer = jobs.submit(gateway, request, correlation_id, key)
         else:
-            wait = incoming.wait_seconds(headers, config)
-            envelope = envelope_of(request, wait, config)
+            answer, code = synchronous(gateway, request, correlation_id, key, started)
+        if priority is not None:
             label = metrics.label(service, config, link.known_queues)
-            with metrics.inflight.labels(label).track_inprogress():
-                reply, stream = exchange(link, envelope, correlation_id, wait)
-            if stream is None:
-                answer, code = reply_answer(reply, correlation_id, method), reply.error
-            else:
-                metrics.stream_first_byte.labels(label).observe(time.perf_counter() - started)
-                idle = config.stream_idle_timeout
-                done = functools.partial(link.end_stream, correlation_id)
-                answer, code = StreamAnswer(reply, stream, correlation_id, idle, done), None
+            metrics.requests_by_priority_total.labels(label, str(priority)).inc()
     except errors.GatewayError as error:
         answer, code = error_answer(error, correlation_id), error.code
     except Exception:
@@ -94,6 +90,51 @@ def handle(
     label = metrics.label(service, config, link.known_queues)  # its queue may be known now
     metrics.count(label, answer.status, code, started)
     return answer
+
+
+def synchronous(
+    gateway: Gateway,
+    request: incoming.ClientRequest,
+    correlation_id: str,
+    key: str | None,
+    started: float,
+) -> tuple[Answer | StreamAnswer, str | None]:
+    """Publish and wait for the reply; with an ``Idempotency-Key``, only as its first
+    request (a repeat is replayed, ``gateway.idempotency``)."""
+    config, link = gateway.config, gateway.link
+    wait = incoming.wait_seconds(request.headers, config)
+    envelope = envelope_of(request, wait, config)
+    label = functools.partial(metrics.label, request.service, config, link.known_queues)
+    once = None
+    if key is not None:
+        credential = incoming.header(request.headers, config.job_auth_header)
+        once = idempotency.Once(gateway, envelope, key, credential, correlation_id, label)
+        record = once.begin(wait)
+        if record is not None:
+            return jobs.replay(gateway, record, request), None
+    try:
+        with metrics.inflight.labels(label()).track_inprogress():
+            reply, stream = exchange(link, envelope, correlation_id, wait)
+    except BaseException:
+        if once is not None:
+            once.release()
+        raise
+    if stream is None:
+        if once is not None:
+            once.keep_reply(reply)
+        return reply_answer(reply, correlation_id, request.method), reply.error
+    metrics.stream_first_byte.labels(label()).observe(time.perf_counter() - started)
+    end = functools.partial(link.end_stream, correlation_id)
+    if once is not None:  # a stream is not kept: its key is free again once it ends
+
+        def end(stream, end=end, release=once.release) -> None:
+            try:
+                end(stream)
+            finally:
+                release()
+
+    idle = config.stream_idle_timeout
+    return StreamAnswer(reply, stream, correlation_id, idle, end), None
 
 
 def check_service(service: str, config: GatewayConfig) -> None:

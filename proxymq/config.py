@@ -157,6 +157,11 @@ def _queue_type(text: str) -> str:
     return text
 
 
+def _max_priority(text: str) -> int:
+    """A queue's highest priority: RabbitMQ takes 1 to 255 (its docs advise at most 10)."""
+    return _integer_in(text, 1, 255, "an integer from 1 to 255")
+
+
 def _user_list(text: str) -> frozenset[str]:
     """Broker user names: AMQP's ``user_id`` is a short string, compared exactly."""
     names = frozenset(name.strip() for name in text.split(",") if name.strip())
@@ -395,6 +400,7 @@ class GatewayConfig:
     broker_tls: BrokerTLS | None = None
     stream_idle_timeout: float = 30.0
     stream_buffer_bytes: int = 1024 * 1024
+    idempotency_ttl: int = 86400
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
@@ -421,6 +427,7 @@ class GatewayConfig:
             stream_buffer_bytes=read(
                 env, "PROXYMQ_STREAM_BUFFER_BYTES", positive_int, d.stream_buffer_bytes
             ),
+            idempotency_ttl=read(env, "PROXYMQ_IDEMPOTENCY_TTL", positive_int, d.idempotency_ttl),
         )
 
 
@@ -442,6 +449,7 @@ class ServiceConfig:
     batch_concurrency: int = 1
     max_deliveries: int = 3
     health_url: str | None = None
+    max_priority: int | None = None
 
     @property
     def queue(self) -> str:
@@ -460,6 +468,7 @@ SERVICE_KEYS: dict[str, Callable[[str], Any]] = {
     "batch_concurrency": positive_int,
     "max_deliveries": positive_int,
     "health_url": _http_url,
+    "max_priority": _max_priority,
 }
 assert set(SERVICE_KEYS) == {f.name for f in fields(ServiceConfig)} - {"name"}
 
@@ -526,8 +535,20 @@ def _services(env: Mapping[str, str], queues: list[str] | None) -> dict[str, Ser
             raise ConfigError(
                 "PROXYMQ_DOWNSTREAM_URL", f"not set for service {name!r} (nor in PROXYMQ_CONFIG)"
             )
-        services[name] = ServiceConfig(name=name, **values)
+        services[name] = _checked(ServiceConfig(name=name, **values))
     return services
+
+
+def _checked(service: ServiceConfig) -> ServiceConfig:
+    """Combinations the broker would refuse when the worker declares the queue."""
+    if service.max_priority is not None and service.queue_type == "quorum":
+        # RabbitMQ before 4.0 refuses x-max-priority on a quorum queue (PRECONDITION_FAILED).
+        raise ConfigError(
+            "PROXYMQ_MAX_PRIORITY",
+            f"service {service.name!r} has a quorum queue, which supports no priorities "
+            "on RabbitMQ before 4.0; use a classic queue or unset it",
+        )
+    return service
 
 
 def _service_name(text: str) -> str:

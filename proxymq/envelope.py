@@ -74,6 +74,8 @@ class RequestEnvelope:
     deadline: int
     job: bool = False
     callback: str | None = None
+    # The AMQP message priority (``X-ProxyMQ-Priority``); a property, not in the body.
+    priority: int | None = None
 
     def to_wire(self) -> dict:
         return {
@@ -197,6 +199,8 @@ def task_message(
     }
     if reply_to:
         properties["reply_to"] = reply_to
+    if request.priority is not None:
+        properties["priority"] = request.priority
     return task_body([request.to_wire()]), headers, properties
 
 

@@ -50,6 +50,8 @@ def service_queue(service: ServiceConfig) -> Queue:
         # reply) one delivery before this backstop would drop the message.
         arguments["x-queue-type"] = "quorum"
         arguments["x-delivery-limit"] = service.max_deliveries + 1
+    if service.max_priority is not None:
+        arguments["x-max-priority"] = service.max_priority
     if service.queue_max_length is not None:
         arguments["x-max-length"] = service.queue_max_length
         arguments["x-overflow"] = "reject-publish"

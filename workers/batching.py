@@ -59,7 +59,14 @@ class Batcher:
         self._unread = _unread(sock)
 
     def add(self, delivery: Delivery) -> None:
-        self.waiting.append(delivery)
+        """Wait in line; a priority above the last one's goes ahead of the lower ones
+        (the broker already delivers by priority; this orders what it delivered)."""
+        priority = _priority(delivery)
+        if priority and self.waiting and priority > _priority(self.waiting[-1]):
+            ahead = next(i for i, d in enumerate(self.waiting) if _priority(d) < priority)
+            self.waiting.insert(ahead, delivery)
+        else:
+            self.waiting.append(delivery)
         self.pump()
 
     def call_done(self, seconds: float) -> None:
@@ -89,7 +96,7 @@ class Batcher:
         """When the next batch must go: its first request's window, or in time for its
         nearest deadline given how long calls take."""
         head = list(islice(self.waiting, self.size))
-        window = head[0].taken + self.service.batch_wait_ms / 1000
+        window = min(d.taken for d in head) + self.service.batch_wait_ms / 1000
         return min(window, min(d.due for d in head) - self._estimate)
 
     def _arm(self, at: float) -> None:
@@ -103,6 +110,10 @@ class Batcher:
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, math.inf
         self.pump()
+
+
+def _priority(delivery: Delivery) -> int:
+    return (delivery.message.properties or {}).get("priority") or 0
 
 
 def _unread(sock) -> Callable[[], bool]:

@@ -1,0 +1,420 @@
+"""The client's controls through real gunicorn, Celery, RabbitMQ and Redis:
+``Idempotency-Key``, ``Prefer: respond-async, wait=<s>``, ``X-ProxyMQ-Priority``."""
+
+import contextlib
+import json
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from stack import consumers, free_port, unique_service, wait_for
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+RESULT_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    return stack.gateway(PROXYMQ_RESULT_URL=RESULT_URL)
+
+
+@pytest.fixture(scope="module")
+def served(stack, downstream):
+    """One synchronous service shared by the idempotency tests."""
+    service = unique_service("idem")
+    stack.worker(service, downstream.url)
+    return service
+
+
+def key() -> str:
+    return f"key-{uuid.uuid4()}"
+
+
+def calls_with(downstream, body: bytes) -> list:
+    return [seen for seen in list(downstream.seen) if seen.body == body]
+
+
+def post(gateway, service, path, body, timeout=30, **headers):
+    return requests.post(
+        f"{gateway.url}/{service}{path}", data=body, headers=headers, timeout=timeout
+    )
+
+
+# -- Idempotency-Key -------------------------------------------------------------------
+
+
+def test_a_repeat_gets_the_first_answer_without_a_second_call(gateway, served, downstream):
+    body, idem = uuid.uuid4().bytes, key()
+    first = post(gateway, served, "/x?a=1", body, **{"Idempotency-Key": idem})
+    again = post(gateway, served, "/x?a=1", body, **{"Idempotency-Key": idem})
+    assert (first.status_code, first.content) == (200, body)
+    assert "Idempotent-Replayed" not in first.headers
+    assert (again.status_code, again.content) == (200, body)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["X-Correlation-ID"] == first.headers["X-Correlation-ID"]
+    assert again.headers["X-Echo-Uri"] == first.headers["X-Echo-Uri"]
+    assert len(calls_with(downstream, body)) == 1
+
+
+def test_the_key_used_for_another_request_is_422(gateway, served, downstream):
+    body, idem = uuid.uuid4().bytes, key()
+    assert post(gateway, served, "/x", body, **{"Idempotency-Key": idem}).status_code == 200
+    others = [
+        post(gateway, served, "/x", body + b"!", **{"Idempotency-Key": idem}),
+        post(gateway, served, "/y", body, **{"Idempotency-Key": idem}),
+        post(gateway, served, "/x?q", body, **{"Idempotency-Key": idem}),
+        requests.put(f"{gateway.url}/{served}/x", data=body, headers={"Idempotency-Key": idem}),
+    ]
+    for response in others:
+        assert response.status_code == 422, response.text
+        assert response.headers["X-ProxyMQ-Error"] == "idempotency-key-reused"
+    assert len(calls_with(downstream, body)) == 1
+    assert not calls_with(downstream, body + b"!")
+
+
+def test_keys_are_scoped_per_submitter(gateway, served, downstream):
+    body, idem = uuid.uuid4().bytes, key()
+    for who in ("Bearer alice", "Bearer bob", "Bearer alice"):
+        response = post(
+            gateway, served, "/x", body, **{"Idempotency-Key": idem, "Authorization": who}
+        )
+        assert response.status_code == 200
+    assert len(calls_with(downstream, body)) == 2
+
+
+def test_a_malformed_key_is_400(gateway, served):
+    response = post(gateway, served, "/x", b"", **{"Idempotency-Key": "é" * 3})
+    assert (response.status_code, response.headers["X-ProxyMQ-Error"]) == (400, "bad-request")
+
+
+def test_concurrent_repeats_wait_for_the_first_and_share_its_one_call(gateway, served, downstream):
+    body, idem = uuid.uuid4().bytes, key()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda _: post(gateway, served, "/sleep/1", body, **{"Idempotency-Key": idem}),
+                range(8),
+            )
+        )
+    assert [a.status_code for a in answers] == [200] * 8
+    assert {a.content for a in answers} == {body}
+    assert len({a.headers["X-Correlation-ID"] for a in answers}) == 1
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 7
+    assert len(calls_with(downstream, body)) == 1
+    text = requests.get(gateway.url + "/metrics").text
+    assert f'proxymq_gateway_idempotent_waits_total{{service="{served}"}}' in text
+    assert f'proxymq_gateway_idempotent_replays_total{{service="{served}"}}' in text
+
+
+def test_the_clients_retry_after_its_own_timeout_waits_for_the_running_call(
+    gateway, served, downstream
+):
+    body, idem = uuid.uuid4().bytes, key()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        post(gateway, served, "/sleep/2", body, timeout=0.5, **{"Idempotency-Key": idem})
+    retry = post(gateway, served, "/sleep/2", body, **{"Idempotency-Key": idem})
+    assert (retry.status_code, retry.content) == (200, body)
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert len(calls_with(downstream, body)) == 1
+
+
+def test_a_worker_killed_mid_call_the_redelivered_call_answers_both(stack, gateway, downstream):
+    service = unique_service("idemkill")
+    doomed = stack.worker(service, downstream.url)
+    body, idem = uuid.uuid4().bytes, key()
+    answers = {}
+
+    def send(name):
+        answers[name] = post(gateway, service, "/sleep/2", body, **{"Idempotency-Key": idem})
+
+    first = threading.Thread(target=send, args=("first",))
+    first.start()
+    wait_for(lambda: calls_with(downstream, body), 10, "the first call")
+    repeat = threading.Thread(target=send, args=("repeat",))
+    repeat.start()
+    time.sleep(0.3)  # the repeat is waiting for the first
+    doomed.kill()
+    stack.worker(service, downstream.url)
+    first.join(30)
+    repeat.join(30)
+    assert answers["first"].status_code == 200, answers["first"].text
+    assert (answers["repeat"].status_code, answers["repeat"].content) == (200, body)
+    assert answers["repeat"].headers["Idempotent-Replayed"] == "true"
+    seen = calls_with(downstream, body)
+    # The killed call, and its redelivery; the repeat made none of its own.
+    assert len(seen) == 2
+    correlation = {dict(s.headers)["X-Correlation-Id"] for s in seen}
+    assert correlation == {answers["first"].headers["X-Correlation-ID"]}
+    assert sorted(dict(s.headers)["X-Proxymq-Delivery-Count"] for s in seen) == ["1", "2"]
+
+
+def test_a_gateway_error_releases_the_key_for_the_retry(stack, gateway, downstream):
+    service = unique_service("idemrel")
+    stack.worker(service, downstream.url).stop()  # the queue exists, nobody consumes it
+    body, idem = uuid.uuid4().bytes, key()
+    headers = {"Idempotency-Key": idem, "X-ProxyMQ-Timeout": "0.5"}
+    assert post(gateway, service, "/x", body, **headers).status_code == 504
+    stack.worker(service, downstream.url)
+    retry = post(gateway, service, "/x", body, **{"Idempotency-Key": idem})
+    assert (retry.status_code, retry.content) == (200, body)
+    assert "Idempotent-Replayed" not in retry.headers
+
+
+def test_without_a_result_store_the_key_is_501(stack, served):
+    plain = stack.gateway()
+    response = post(plain, served, "/x", b"", **{"Idempotency-Key": key()})
+    assert response.status_code == 501
+    assert response.headers["X-ProxyMQ-Error"] == "idempotency-unavailable"
+
+
+@contextlib.contextmanager
+def private_redis():
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    process = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import redis
+
+        wait_for(lambda: redis.Redis(port=port).ping(), 10, "a private redis")
+        yield process, f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_the_result_store_down_is_503_and_never_a_call(stack, downstream):
+    service = unique_service("idemdown")
+    with private_redis() as (redis_process, url):
+        gateway = stack.gateway(PROXYMQ_RESULT_URL=url)
+        stack.worker(service, downstream.url, PROXYMQ_RESULT_URL=url)
+        body = uuid.uuid4().bytes
+        assert post(gateway, service, "/x", body, **{"Idempotency-Key": key()}).status_code == 200
+        redis_process.kill()
+        redis_process.wait(10)
+        lost = uuid.uuid4().bytes
+        response = post(gateway, service, "/x", lost, **{"Idempotency-Key": key()})
+        assert response.status_code == 503
+        assert response.headers["X-ProxyMQ-Error"] == "result-store-unavailable"
+        assert "Retry-After" in response.headers
+        assert post(gateway, service, "/x", b"no key").status_code == 200
+        time.sleep(0.5)
+        assert not calls_with(downstream, lost)
+
+
+def test_a_job_with_a_key_is_submitted_once_and_its_repeat_gets_the_same_job(
+    stack, gateway, downstream
+):
+    service = unique_service("idemjob")
+    stack.worker(service, downstream.url, PROXYMQ_RESULT_URL=RESULT_URL)
+    body, idem = uuid.uuid4().bytes, key()
+    headers = {"Prefer": "respond-async", "Idempotency-Key": idem}
+    first = post(gateway, service, "/x", body, **headers)
+    again = post(gateway, service, "/x", body, **headers)
+    assert first.status_code == again.status_code == 202
+    assert again.headers["Location"] == first.headers["Location"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    wait_for(lambda: calls_with(downstream, body), 10, "the job's call")
+    done = requests.get(gateway.url + first.headers["Location"])
+    wait_for(
+        lambda: requests.get(gateway.url + first.headers["Location"]).status_code == 200, 10, "job"
+    )
+    done = requests.get(gateway.url + first.headers["Location"])
+    assert done.content == body
+    assert len(calls_with(downstream, body)) == 1
+
+
+# -- Prefer: respond-async, wait=<s> -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jobs_service(stack, downstream):
+    service = unique_service("wait")
+    stack.worker(service, downstream.url, PROXYMQ_RESULT_URL=RESULT_URL)
+    return service
+
+
+def test_wait_gives_the_answer_itself_when_it_is_ready_in_time(gateway, jobs_service):
+    body = uuid.uuid4().bytes
+    started = time.monotonic()
+    response = post(gateway, jobs_service, "/sleep/0.3", body, Prefer="respond-async, wait=10")
+    assert (response.status_code, response.content) == (200, body)
+    assert response.headers["X-Echo-Method"] == "POST"
+    assert time.monotonic() - started < 5
+
+
+def test_wait_gives_202_when_not_ready_and_the_job_goes_on(gateway, jobs_service, downstream):
+    body = uuid.uuid4().bytes
+    started = time.monotonic()
+    response = post(gateway, jobs_service, "/sleep/3", body, Prefer="respond-async, wait=1")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 202, response.text
+    assert 0.9 < elapsed < 2.5, elapsed
+    location = response.headers["Location"]
+    assert location.startswith("/jobs/")
+    wait_for(lambda: requests.get(gateway.url + location).status_code == 200, 15, "the job")
+    assert requests.get(gateway.url + location).content == body
+    assert len(calls_with(downstream, body)) == 1
+    text = requests.get(gateway.url + "/metrics").text
+    assert f'proxymq_gateway_async_fallbacks_total{{service="{jobs_service}"}}' in text
+
+
+def test_without_wait_respond_async_is_202_at_once(gateway, jobs_service):
+    response = post(gateway, jobs_service, "/sleep/0.3", b"x", Prefer="respond-async")
+    assert response.status_code == 202
+
+
+# -- X-ProxyMQ-Priority ------------------------------------------------------------------
+
+
+def test_a_bad_priority_is_400(gateway, served):
+    for value in ("-1", "256", "high", "1.5", ""):
+        response = post(gateway, served, "/x", b"", **{"X-ProxyMQ-Priority": value})
+        assert response.status_code == 400, (value, response.text)
+        assert response.headers["X-ProxyMQ-Error"] == "bad-request"
+
+
+def test_a_quorum_queue_with_priorities_is_refused_at_start(stack, downstream):
+    worker = stack.worker(
+        unique_service("qprio"),
+        downstream.url,
+        wait=False,
+        PROXYMQ_QUEUE_TYPE="quorum",
+        PROXYMQ_MAX_PRIORITY="5",
+    )
+    assert worker.popen.wait(30) == 1
+    errors = [line for line in worker.log().splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "PROXYMQ_MAX_PRIORITY" in errors[0], worker.log()
+    assert "Traceback" not in worker.log()
+
+
+def queue_depth(queue: str) -> int:
+    import kombu
+    from stack import BROKER_URL
+
+    with kombu.Connection(BROKER_URL) as connection:
+        return connection.default_channel.queue_declare(queue, passive=True)[1]
+
+
+def backlog(gateway, service, low: int, high: int) -> None:
+    """``low`` priority-0 jobs, then ``high`` priority-9 ones, while nobody consumes."""
+
+    def submit(path, priority):
+        headers = {"Prefer": "respond-async", "X-ProxyMQ-Priority": str(priority)}
+        assert post(gateway, service, path, b"", **headers).status_code == 202
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: submit(f"/low/{i}", 0), range(low)))
+    for i in range(high):
+        submit(f"/high/{i}", 9)
+    wait_for(lambda: queue_depth(f"{service}_requests") == low + high, 10, "the backlog")
+
+
+def test_under_backlog_higher_priorities_are_served_first(stack, gateway, downstream):
+    service = unique_service("prio")
+    env = {"PROXYMQ_RESULT_URL": RESULT_URL, "PROXYMQ_MAX_PRIORITY": "9"}
+    stack.worker(service, downstream.url, **env).stop()
+    assert consumers(f"{service}_requests") == 0
+    before = len(downstream.seen)
+    backlog(gateway, service, 200, 10)
+    stack.worker(service, downstream.url, "-c", "2", **env)
+    paths = []
+
+    def all_served():
+        paths[:] = [
+            s.raw_uri
+            for s in list(downstream.seen)[before:]
+            if s.raw_uri.startswith(("/low", "/high"))
+        ]
+        return len(paths) >= 210
+
+    wait_for(all_served, 60, "the backlog to be served")
+    positions = [i for i, path in enumerate(paths) if path.startswith("/high")]
+    assert len(positions) == 10
+    assert max(positions) < 14, positions  # -c 2: at most a prefetch's worth of low first
+    text = requests.get(gateway.url + "/metrics").text
+    assert (
+        f'proxymq_gateway_requests_by_priority_total{{priority="9",service="{service}"}} 10.0'
+        in text
+    )
+
+
+def test_under_backlog_higher_priority_synchronous_requests_are_answered_first(
+    stack, gateway, downstream
+):
+    service = unique_service("priosync")
+    stack.worker(service, downstream.url, PROXYMQ_MAX_PRIORITY="9").stop()
+    answered: list[str] = []
+    lock = threading.Lock()
+
+    def call(path, priority):
+        response = post(gateway, service, path, b"", **{"X-ProxyMQ-Priority": str(priority)})
+        assert response.status_code == 200
+        with lock:
+            answered.append(path)
+
+    with ThreadPoolExecutor(210) as pool:
+        done = [pool.submit(call, f"/low/{i}", 0) for i in range(200)]
+        wait_for(lambda: queue_depth(f"{service}_requests") == 200, 30, "the low backlog")
+        done += [pool.submit(call, f"/high/{i}", 9) for i in range(10)]
+        wait_for(lambda: queue_depth(f"{service}_requests") == 210, 30, "the backlog")
+        stack.worker(service, downstream.url, "-c", "2", PROXYMQ_MAX_PRIORITY="9")
+        for future in done:
+            future.result(60)
+    positions = [i for i, path in enumerate(answered) if path.startswith("/high")]
+    assert len(positions) == 10
+    assert max(positions) < 20, positions
+
+
+class BatchEndpoint:
+    """A batch downstream that records the order of the items it was sent."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self._lock = threading.Lock()
+        self.port = free_port()
+        self.server = make_server("127.0.0.1", self.port, self._app, threaded=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _app(self, environ, start_response):
+        items = json.loads(Request(environ).get_data())
+        with self._lock:
+            self.paths.extend(item["path"] for item in items)
+        time.sleep(0.02)
+        answer = [
+            {"correlation_id": i["correlation_id"], "status": 200, "headers": {}, "body": "ok"}
+            for i in items
+        ]
+        return Response(json.dumps(answer), content_type="application/json")(
+            environ, start_response
+        )
+
+
+def test_under_backlog_batches_take_higher_priorities_first(stack, gateway):
+    endpoint = BatchEndpoint()
+    url = f"http://127.0.0.1:{endpoint.port}"
+    service = unique_service("prioba")
+    env = {
+        "PROXYMQ_RESULT_URL": RESULT_URL,
+        "PROXYMQ_MAX_PRIORITY": "9",
+        "PROXYMQ_BATCH_URL": url + "/batch",
+        "PROXYMQ_BATCH_SIZE": "5",
+    }
+    try:
+        stack.worker(service, url, **env).stop()
+        backlog(gateway, service, 100, 10)
+        stack.worker(service, url, "-c", "1", **env)
+        wait_for(lambda: len(endpoint.paths) >= 110, 60, "the backlog to be served")
+        positions = [i for i, path in enumerate(endpoint.paths) if path.startswith("/high")]
+        assert len(positions) == 10
+        assert max(positions) < 20, positions
+    finally:
+        endpoint.server.shutdown()

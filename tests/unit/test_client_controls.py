@@ -1,0 +1,106 @@
+"""The client's controls without processes: settings, header parsing, fingerprints."""
+
+import pytest
+
+from gateway import controls, errors
+from proxymq.config import ConfigError, GatewayConfig, ServiceConfig, WorkerConfig
+from proxymq.envelope import RequestEnvelope, task_message
+from proxymq.idempotency import Claim, fingerprint
+from workers.app import service_queue
+
+WORKER_ENV = {"PROXYMQ_SERVICE": "a", "PROXYMQ_DOWNSTREAM_URL": "http://a"}
+
+
+def test_idempotency_ttl_defaults_to_a_day():
+    assert GatewayConfig.from_env({}).idempotency_ttl == 86400
+    assert GatewayConfig.from_env({"PROXYMQ_IDEMPOTENCY_TTL": "60"}).idempotency_ttl == 60
+    with pytest.raises(ConfigError, match="PROXYMQ_IDEMPOTENCY_TTL"):
+        GatewayConfig.from_env({"PROXYMQ_IDEMPOTENCY_TTL": "0"})
+
+
+def test_max_priority_declares_x_max_priority():
+    config = WorkerConfig.from_env({**WORKER_ENV, "PROXYMQ_MAX_PRIORITY": "9"})
+    service = config.services["a"]
+    assert service.max_priority == 9
+    assert service_queue(service).queue_arguments == {"x-max-priority": 9}
+    assert service_queue(ServiceConfig("b", "http://b")).queue_arguments == {}
+
+
+@pytest.mark.parametrize("value", ["0", "256", "-1", "high", "1.5"])
+def test_a_bad_max_priority_is_one_line(value):
+    with pytest.raises(ConfigError, match="PROXYMQ_MAX_PRIORITY: must be an integer from 1 to 255"):
+        WorkerConfig.from_env({**WORKER_ENV, "PROXYMQ_MAX_PRIORITY": value})
+
+
+def test_quorum_with_priorities_is_refused():
+    env = {**WORKER_ENV, "PROXYMQ_MAX_PRIORITY": "5", "PROXYMQ_QUEUE_TYPE": "quorum"}
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env(env)
+    assert str(caught.value).startswith("PROXYMQ_MAX_PRIORITY: service 'a' has a quorum queue")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", 0), ("9", 9), (" 255 ", 255)])
+def test_priority_header(value, expected):
+    assert controls.priority([("X-ProxyMQ-Priority", value)]) == expected
+    assert controls.priority([]) is None
+
+
+@pytest.mark.parametrize("value", ["256", "-1", "+1", "1.0", "", "nine", "٣"])
+def test_a_bad_priority_header_is_400(value):
+    with pytest.raises(errors.GatewayError) as caught:
+        controls.priority([("X-ProxyMQ-Priority", value)])
+    assert caught.value.status == 400
+
+
+def test_the_priority_is_the_message_property():
+    envelope = RequestEnvelope("s", "GET", "/", None, [], b"", 2**41, priority=7)
+    assert task_message(envelope, "c", "r")[2]["priority"] == 7
+    envelope.priority = None
+    assert "priority" not in task_message(envelope, "c", "r")[2]
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([("Prefer", "respond-async, wait=5")], 5.0),
+        ([("Prefer", "respond-async"), ("Prefer", "wait=2.5")], 2.5),
+        ([("Prefer", "respond-async, wait=999")], 120.0),
+        ([("Prefer", "respond-async, wait=soon")], None),
+        ([("Prefer", "respond-async")], None),
+    ],
+)
+def test_preferred_wait(headers, expected):
+    assert controls.preferred_wait(headers, 120.0) == expected
+
+
+def test_idempotency_key_header():
+    assert controls.idempotency_key([("Idempotency-Key", '"abc"')]) == "abc"
+    assert controls.idempotency_key([("Idempotency-Key", "a b")]) == "a b"
+    for bad in ("", "x" * 256, "é"):
+        with pytest.raises(errors.GatewayError):
+            controls.idempotency_key([("Idempotency-Key", bad)])
+
+
+def test_the_fingerprint_covers_method_path_query_and_body_but_not_headers():
+    def envelope(method="POST", path="/p", query=None, body=b"b", headers=()):
+        return RequestEnvelope("s", method, path, query, list(headers), body, 0)
+
+    base = fingerprint(envelope())
+    assert fingerprint(envelope(headers=[("traceparent", "x")])) == base
+    others = [
+        envelope(method="PUT"),
+        envelope(path="/q"),
+        envelope(query=""),
+        envelope(query="a=1"),
+        envelope(body=b"c"),
+    ]
+    assert len({base, *map(fingerprint, others)}) == 6
+
+
+def test_a_claim_is_per_submitter_and_masks_the_job_id():
+    alice, bob = Claim.of("alice", "k", "fp"), Claim.of("bob", "k", "fp")
+    assert alice.key != bob.key
+    masked = alice.mask("job-id-secret")
+    assert "job-id-secret" not in masked and alice.unmask(masked) == "job-id-secret"
+    assert bob.unmask(masked) != "job-id-secret"
