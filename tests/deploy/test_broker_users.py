@@ -69,6 +69,10 @@ CASES = [
     ("workers", "configure", "0c5e.reply.celery.pidbox", True),
     ("workers", "write", "celeryev", True),
     ("workers", "read", "celeryev.3f2a", True),
+    ("workers", "configure", "proxymq.cancel.5f0c", True),  # its stream cancel queue
+    ("workers", "read", "proxymq.cancel.5f0c", True),
+    ("gateway", "configure", "proxymq.cancel.5f0c", False),
+    ("gateway", "read", "proxymq.cancel.5f0c", False),
     ("workers", "configure", "amq.gen-Xy1_z", False),
     ("workers", "read", "amq.gen-Xy1_z", False),
     ("workers", "configure", "amq.default", False),

@@ -53,9 +53,9 @@ setup() {
   # default exchange, Celery's exchanges and queues for remote control (pidbox), task events
   # (celeryev) and gossip/mingle.
   user workers "${RABBITMQ_WORKERS_PASSWORD:-}" "" \
-    '^(.*_requests|.*_requests\.dead|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
+    '^(.*_requests|.*_requests\.dead|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
     '^(amq\.default|.*_requests|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
-    '^(.*_requests|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+    '^(.*_requests|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
   # monitoring: read-only. Management API (Flower's broker tab, the UI) and passive queue
   # declares (KEDA, queue depths); no AMQP resource at all.
   user monitoring "${RABBITMQ_MONITORING_PASSWORD:-}" "monitoring" \

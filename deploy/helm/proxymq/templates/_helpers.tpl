@@ -314,9 +314,9 @@ gateway:
   read: '^amq\.gen-.*$'
 workers:
   tags: []
-  configure: '^(.*_requests|.*_requests\.dead|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+  configure: '^(.*_requests|.*_requests\.dead|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
   write: '^(amq\.default|.*_requests|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
-  read: '^(.*_requests|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+  read: '^(.*_requests|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
 monitoring:
   tags: [monitoring]
   configure: '^$'
