@@ -126,19 +126,25 @@ keepalive = 5
 # path would make them fight over it, and nothing here uses it.
 control_socket_disable = True
 
+from proxymq import tracing  # noqa: E402 -- imports no OpenTelemetry until set up
+
 if _serving("fetcher"):
     from fetcher.config import ConfigError, FetcherConfig
 
+    _service_name = tracing.FETCHER
     try:
         _config = FetcherConfig.from_env(os.environ)
+        tracing.check(os.environ)
     except ConfigError as error:
         _stop(error)
     bind = [_config.bind]
 else:
     from proxymq.config import ConfigError, GatewayConfig, check_broker_certificate
 
+    _service_name = tracing.GATEWAY
     try:
         _config = GatewayConfig.from_env(os.environ)
+        tracing.check(os.environ)
         # A broker certificate that does not verify would fail every worker's every
         # reconnect; one line from the master instead (a broker that is down is no error).
         if _config.broker_tls is not None:
@@ -174,9 +180,17 @@ def child_exit(server, worker) -> None:
 
 
 def post_worker_init(worker) -> None:
-    """Connect this worker process to the broker (its own reply queue) before serving."""
+    """Start exporting spans when tracing is on (here: after the fork and gevent's
+    patching, so the span processor's thread is a greenlet of this process), and
+    connect this worker process to the broker (its own reply queue) before serving."""
+    tracing.setup(_service_name)
     extensions = getattr(worker.wsgi, "extensions", {})
     link = extensions.get("proxymq.link")
     if link is not None:
         link.start()
         link.wait_ready(5)
+
+
+def worker_exit(server, worker) -> None:
+    """Export the spans still buffered before the worker process goes."""
+    tracing.shutdown()

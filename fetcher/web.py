@@ -17,6 +17,7 @@ from fetcher.batch import BatchTooLarge, InvalidBatch, answer_batch, parse_batch
 from fetcher.config import FetcherConfig
 from fetcher.fetching import Fetcher
 from fetcher.payloads import answer_fetch, error_body, render_json
+from proxymq import tracing
 from proxymq.outbound import AddressPolicy, build_session, policy_for
 
 EXTENSION = "fetcher"
@@ -101,4 +102,5 @@ def create_app(
     app.extensions[EXTENSION] = build_fetcher(config, address_policy)
     app.register_blueprint(routes)
     app.register_error_handler(HTTPException, _http_error)
+    tracing.instrument_flask(app, excluded="healthz", outgoing=True)
     return app

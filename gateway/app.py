@@ -9,6 +9,7 @@ from flask import Flask
 from gateway.broker import BrokerLink
 from gateway.proxy import Gateway, ProxyRoute
 from gateway.views import views
+from proxymq import tracing
 from proxymq.config import GatewayConfig
 from proxymq.idempotency import IdempotencyStore
 from proxymq.jobs import JobStore
@@ -34,5 +35,6 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     app.extensions["proxymq.link"] = link
     app.before_request(link.start)
     app.register_blueprint(views)
+    tracing.instrument_flask(app)  # the gateway's own routes; the proxy route traces itself
     app.wsgi_app = ProxyRoute(app.wsgi_app, gateway)
     return app

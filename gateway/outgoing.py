@@ -11,6 +11,7 @@ from gateway import controls, errors, incoming
 from gateway.broker import BrokerLink, BrokerUnavailable
 from gateway.replies import StreamStart
 from gateway.streams import Stream
+from proxymq import tracing
 from proxymq.config import GatewayConfig, queue_name
 from proxymq.confirms import NACK, RETURNED
 from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply, task_message
@@ -80,7 +81,13 @@ def publish(
     if reply_to is None and not envelope.job:
         raise BrokerUnavailable("not connected to the broker")
     body, headers, properties = task_message(envelope, correlation_id, reply_to)
-    outcome = link.publish(queue_name(envelope.service), body, headers, properties, wait)
+    queue = queue_name(envelope.service)
+    if tracing.ENABLED:
+        from gateway import tracing as traced
+
+        outcome = traced.publish(link, queue, body, headers, properties, wait)
+    else:
+        outcome = link.publish(queue, body, headers, properties, wait)
     if outcome == RETURNED:
         raise errors.unknown_service(envelope.service)
     if outcome == NACK:

@@ -20,6 +20,7 @@ from gateway.answers import Answer, error_answer, reply_answer
 from gateway.broker import BrokerLink
 from gateway.outgoing import envelope_of, exchange
 from gateway.streams import StreamAnswer
+from proxymq import tracing
 from proxymq.config import RESERVED_NAMES, GatewayConfig, is_service_name
 from proxymq.idempotency import IdempotencyStore
 from proxymq.jobs import JobStore
@@ -64,6 +65,11 @@ def handle(
     config, link = gateway.config, gateway.link
     link.start()  # after gunicorn's fork: this process's own connection and reply queue
     code: str | None = None
+    span = None
+    if tracing.ENABLED:
+        from gateway.tracing import RequestSpan
+
+        span = RequestSpan(environ, service, path, method, correlation_id)
     try:
         check_service(service, config)
         incoming.check_path(path)
@@ -89,6 +95,8 @@ def handle(
         answer, code = error_answer(error, correlation_id), error.code
     label = metrics.label(service, config, link.known_queues)  # its queue may be known now
     metrics.count(label, answer.status, code, started)
+    if span is not None:
+        span.end(answer.status, code)
     return answer
 
 

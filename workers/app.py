@@ -20,6 +20,7 @@ from celery import Celery, signals
 from celery.concurrency import get_implementation
 from kombu import Queue
 
+from proxymq import tracing
 from proxymq.config import (
     ConfigError,
     ServiceConfig,
@@ -122,6 +123,7 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
         queues = [q for q in queues.split(",") if q]
     try:
         config = WorkerConfig.from_env(os.environ, queues or None)
+        tracing.check(os.environ)
         _check_pool(options.get("pool") or conf.worker_pool)
         if config.broker_tls is not None:
             check_broker_certificate(config.broker_tls)
@@ -134,6 +136,8 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
     instance.hostname = node_name(list(config.services), instance.hostname, sys.argv)
     concurrency = options.get("concurrency") or conf.worker_concurrency
     instance.proxymq = Runtime.build(config, concurrency)
+    # The threads pool forks nothing: the span processor's thread starts here, for good.
+    tracing.setup(tracing.WORKER)
     try:
         prometheus_client.start_http_server(config.metrics_port)
     except OSError as exc:
@@ -151,6 +155,11 @@ def _check_pool(pool) -> None:
     if chosen is not threads:
         name = getattr(chosen, "__module__", str(chosen)).rsplit(".", 1)[-1]
         raise ConfigError("-P", f"ProxyMQ workers run on the threads pool, not {name!r}")
+
+
+@signals.worker_shutdown.connect
+def _flush_spans(**_) -> None:
+    tracing.shutdown()
 
 
 @signals.worker_ready.connect

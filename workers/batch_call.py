@@ -17,6 +17,7 @@ from typing import Any
 
 import requests
 
+from proxymq import tracing
 from proxymq.envelope import ReplyEnvelope
 from proxymq.headers import end_to_end
 from workers import forwarding
@@ -91,6 +92,8 @@ def _post(http: requests.Session, batch: list[Delivery], limit: int) -> dict[str
         raise BatchFailed(forwarding.timed_out())
     data = json.dumps([encode_item(item) for item in batch], separators=(",", ":"))
     headers = {"Content-Type": "application/json", "X-ProxyMQ-Deadline": str(min(deadlines))}
+    if tracing.ENABLED:
+        headers.update(tracing.inject())  # the batch call's own span (workers.tracing)
     try:
         response = http.post(
             service.batch_url or "",

@@ -39,6 +39,7 @@ class Delivery:
     taken: float  # monotonic: when this worker took it
     due: float  # monotonic: its deadline
     started: float = 0.0  # monotonic: when its call started
+    trace: object = None  # its spans while tracing is on (workers.tracing)
 
     @property
     def answers_a_client(self) -> bool:

@@ -20,6 +20,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from proxymq import tracing
 from proxymq.config import ServiceConfig
 from proxymq.envelope import ReplyEnvelope
 from proxymq.headers import end_to_end
@@ -63,6 +64,11 @@ def downstream_headers(delivery: Delivery) -> list[tuple[str, str]]:
         ("X-ProxyMQ-Delivery-Count", str(delivery.count)),
         ("X-ProxyMQ-Deadline", str(request.deadline)),
     ]
+    if tracing.ENABLED:  # the client's trace context is replaced by the worker's own
+        from workers.tracing import propagation
+
+        headers = [(n, v) for n, v in headers if n.lower() not in tracing.PROPAGATED]
+        headers += propagation(delivery)
     return headers
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from kombu.message import Message
 
+from proxymq import tracing
 from proxymq.config import QUEUE_SUFFIX, ServiceConfig
 from proxymq.confirms import ACK, LOST, NACK, RETURNED
 from proxymq.envelope import (
@@ -160,6 +161,10 @@ class Pipeline:
             self._dead_letter_malformed(message, str(exc))
             return
         service = delivery.service
+        if tracing.ENABLED:
+            from workers.tracing import received
+
+            received(delivery)
         self.events.received(delivery)
         if delivery.count == 1 and delivery.sent:
             wait = max(0.0, time.time() * 1000 - delivery.sent) / 1000
@@ -175,6 +180,8 @@ class Pipeline:
             metrics.expired_total.labels(service.name).inc()
             self.events.expired(delivery)
             _ack(message)
+            if delivery.trace is not None:
+                delivery.trace.end(forwarding.timed_out(), "expired")
         elif verdict is Verdict.AGAIN:
             headers, properties = recounted(
                 message.headers, properties_of(message), delivery.count, delivery.request.deadline
@@ -182,6 +189,8 @@ class Pipeline:
             self._publisher.publish(
                 service.queue, message.body, headers, properties, self._settler(message)
             )
+            if delivery.trace is not None:
+                delivery.trace.end(None, "published again")
         else:
             reason = f"{delivery.count - 1} deliveries, PROXYMQ_MAX_DELIVERIES is "
             reason += str(service.max_deliveries)
@@ -241,7 +250,13 @@ class Pipeline:
         if live:
             call_started = time.perf_counter()
             limit = runtime.config.max_response_bytes
-            if service.batch_url:
+            if service.batch_url and tracing.ENABLED:
+                from workers.tracing import batch_call as traced_batch
+
+                with traced_batch(service, live) as done:
+                    replies = batch_call.call(runtime.http, live, limit)
+                    done(replies)
+            elif service.batch_url:
                 replies = batch_call.call(runtime.http, live, limit)
             else:
                 replies = {d.correlation_id: self._call_one(d, limit, streamed) for d in live}
@@ -261,7 +276,16 @@ class Pipeline:
         """A single call; an answer that streams is relayed here, part by part (and its
         correlation id added to ``streamed``)."""
         may_stream = delivery.answers_a_client and not delivery.request.job
-        result = forwarding.call(self._runtime.connections, delivery, limit, stream=may_stream)
+        if delivery.trace is None:
+            result = forwarding.call(self._runtime.connections, delivery, limit, stream=may_stream)
+        else:
+            from workers.tracing import single_call
+
+            with single_call(delivery) as done:
+                result = forwarding.call(
+                    self._runtime.connections, delivery, limit, stream=may_stream
+                )
+                done(result)
         if not isinstance(result, Streaming):
             return result
         correlation_id, stream_id = delivery.correlation_id, uuid.uuid4().hex
@@ -309,12 +333,16 @@ class Pipeline:
     def _settle_outcome(self, delivery: Delivery, reply: ReplyEnvelope | None, action: str) -> None:
         if reply is not None:
             self.events.answered(delivery, reply)
+        traced = delivery.trace
+        if traced is not None and action != PUBLISH:
+            traced.end(reply, action)
         if action == STREAMED:
             return
         if action == PUBLISH:
-            self._publisher.reply(
-                delivery.reply_to, delivery.correlation_id, reply, self._settler(delivery.message)
-            )
+            settled = self._settler(delivery.message)
+            if traced is not None:
+                settled = traced.replying(delivery.reply_to, reply, settled)
+            self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, settled)
         elif action == REQUEUE:
             _requeue(delivery.message)
         else:
@@ -324,6 +352,8 @@ class Pipeline:
         """Tell a dead-lettered request's client (its message is settled by the dead
         letter's confirm): on its reply queue, or a job's in the result store."""
         self.events.answered(delivery, reply)
+        if delivery.trace is not None:
+            delivery.trace.end(reply, "dead-lettered")
         if delivery.answers_a_client:
             self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, _ignore)
         elif delivery.request.job and self._runtime.jobs is not None:

@@ -14,7 +14,9 @@ from .conftest import BROKER_START, COMPOSE, DEPLOY, ENV_EXAMPLE, REPO, describe
 pytestmark = pytest.mark.deploy
 
 PYTHON_SERVICES = {"gateway", "worker", "fetcher", "flower"}
+TRACING_SERVICES = {"otel-collector", "jaeger"}
 ALL_SERVICES = PYTHON_SERVICES | {"rabbitmq", "celery-exporter", "prometheus", "grafana"}
+ALL_SERVICES |= TRACING_SERVICES
 
 
 def dockerfiles() -> list:
@@ -244,6 +246,29 @@ def test_compose_services_and_startup_order():
             src = vol.split(":", 1)[0]
             if src.startswith("./"):
                 assert (REPO / src).exists(), src
+
+
+def test_tracing_is_a_profile_and_off_by_default():
+    """Collector and Jaeger start only with ``--profile tracing``; the ProxyMQ processes
+    export to the collector only when OTEL_TRACES_EXPORTER is set where compose runs."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in TRACING_SERVICES:
+        assert services[name]["profiles"] == ["tracing"], name
+    for name in ALL_SERVICES - TRACING_SERVICES:
+        assert "profiles" not in services[name], name
+    for name in ("gateway", "worker", "fetcher"):
+        env = services[name]["environment"]
+        assert env["OTEL_TRACES_EXPORTER"] == "${OTEL_TRACES_EXPORTER:-none}", name
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318", name
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "127.0.0.1:16686:16686" in services["jaeger"]["ports"]
+    collector = yaml.safe_load((DEPLOY / "otel" / "collector.yml").read_text())
+    pipeline = collector["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"]
+    assert collector["exporters"][pipeline["exporters"][0]]["endpoint"] == "jaeger:4317"
+    assert any(
+        v.startswith("./deploy/otel/collector.yml:") for v in services["otel-collector"]["volumes"]
+    )
 
 
 @pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: str(p.relative_to(REPO)))
