@@ -300,7 +300,9 @@ def test_a_batch_call_is_one_span_linked_to_every_items_trace(stack, gateway, re
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(send, trace_ids))
     assert [r.status_code for r in responses] == [200] * 4
-    assert downstream.sizes() == [4]
+    # How the four are batched depends on timing (a lone request on an idle worker is
+    # sent at once): every batch call is one span, linked to exactly its items' traces.
+    assert sum(downstream.sizes()) == 4
     processes = {}
     for response, trace_id in zip(responses, trace_ids, strict=True):
         cid = response.headers["X-Correlation-ID"]
@@ -309,16 +311,19 @@ def test_a_batch_call_is_one_span_linked_to_every_items_trace(stack, gateway, re
         assert process.trace_id == trace_id
         processes[cid] = process
     name = f"POST batch {service}"
-    wait_for(lambda: any(s.name == name for s in receiver.spans), 15, "the batch span")
-    (batch,) = [s for s in receiver.spans if s.name == name]
-    assert batch.kind == "client" and batch.parent_id == ""
-    assert sorted(batch.links) == sorted((p.trace_id, p.span_id) for p in processes.values())
-    assert batch.attributes["proxymq.batch.size"] == 4
-    (call,) = downstream.calls
-    assert ids(call.headers["Traceparent"]) == (batch.trace_id, batch.span_id)
-    for item in call.items:  # each item carries its own trace, parent its processing
-        process = processes[item["correlation_id"]]
-        assert ids(item["headers"]["traceparent"]) == (process.trace_id, process.span_id)
+    count = len(downstream.calls)
+    wait_for(
+        lambda: len([s for s in receiver.spans if s.name == name]) == count, 15, "the batch spans"
+    )
+    batches = {s.span_id: s for s in receiver.spans if s.name == name}
+    for call in downstream.calls:
+        batch = batches[ids(call.headers["Traceparent"])[1]]
+        assert batch.kind == "client" and batch.parent_id == ""
+        items = [processes[item["correlation_id"]] for item in call.items]
+        assert sorted(batch.links) == sorted((p.trace_id, p.span_id) for p in items)
+        assert batch.attributes["proxymq.batch.size"] == len(call.items)
+        for item, process in zip(call.items, items, strict=True):  # each its own trace
+            assert ids(item["headers"]["traceparent"]) == (process.trace_id, process.span_id)
     delete_queues(queue)
 
 
