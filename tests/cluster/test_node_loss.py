@@ -314,14 +314,6 @@ def test_kill_the_request_queues_leader(cluster, system, downstream, service):
     assert counts["back_to_80pct_after_s"] <= RECOVERY
 
 
-@pytest.mark.xfail(
-    reason="seen here: when both gateways had moved to the same node after the first "
-    "scenario and that node is killed, every publish through the next node is nacked "
-    "(answered 503 queue-full) for the whole 12 s after the kill; a broker-only "
-    "reproduction (kill the leader, restart it, kill the new leader) did not show it. "
-    "Intermittent (1 of 2 runs), not understood yet; see docs/scaling.md.",
-    strict=False,
-)
 def test_kill_the_node_a_gateway_is_connected_to(cluster, system, downstream, service):
     _, gateways = system
     killed = []
@@ -338,8 +330,13 @@ def test_kill_the_node_a_gateway_is_connected_to(cluster, system, downstream, se
     settle(cluster, downstream, service)
     counts = report(f"kill -9 gateway 0's node {killed[0].name}", load, downstream, killed_at)
     assert moved_to is not killed[0]
-    assert counts["back_to_80pct_after_s"] is not None
-    assert counts["back_to_80pct_after_s"] <= RECOVERY
+    # Nothing lost, no 504, every 503 named (checked by report). The recovery is a known
+    # problem: seen here, intermittently, every publish through the node the gateways
+    # moved to nacked (503 queue-full) for the whole 12 s after the kill; a broker-only
+    # reproduction did not show it. Not understood yet (docs/scaling.md).
+    recovered = counts["back_to_80pct_after_s"]
+    if recovered is None or recovered > RECOVERY:
+        pytest.xfail(f"known: throughput not back to 80 % within {RECOVERY} s ({recovered})")
 
 
 def test_rolling_restart_kills_each_node_in_turn(cluster, system, downstream, service):
