@@ -129,6 +129,10 @@ class _Body:
         metrics.streams_inflight.inc()
 
     def __iter__(self) -> Iterator[bytes]:
+        # gunicorn sends the status and headers with the first write; an empty one sends
+        # them now (it writes no chunk for it), so a client sees the stream open (an
+        # EventSource's onopen) before the first event.
+        yield b""
         for chunk in self._stream.chunks(self._idle):
             metrics.streamed_bytes_total.inc(len(chunk))
             yield chunk

@@ -80,6 +80,7 @@ class Pipeline:
         self.events = TaskEvents(consumer)
         self._publisher: Publisher | None = None
         self._streams = Streams()
+        self._parts: deque[Callable[[], None]] = deque()
         self._cancel_queue = ""
         self._done: deque[tuple[ServiceConfig, list[Outcome], float]] = deque()
         self._taking = False
@@ -290,13 +291,15 @@ class Pipeline:
             return result
         correlation_id, stream_id = delivery.correlation_id, uuid.uuid4().hex
         streamed.add(correlation_id)
-        call_soon = self._consumer.call_soon
+        in_order = self._publish_in_order
         self._streams.add(correlation_id, result)
         try:
-            call_soon(_safely, self._publish_head, delivery, result, stream_id)
+            in_order(functools.partial(self._publish_head, delivery, result, stream_id))
 
             def send(kind: str, body: bytes) -> None:
-                call_soon(_safely, self._publish_part, delivery, result, stream_id, kind, body)
+                in_order(
+                    functools.partial(self._publish_part, delivery, result, stream_id, kind, body)
+                )
 
             config = self._runtime.config
             ended = result.relay(send, config.stream_idle_timeout, limit)
@@ -304,6 +307,17 @@ class Pipeline:
             self._streams.remove(correlation_id)
         metrics.streams_total.labels(delivery.service.name, ended).inc()
         return result.head
+
+    def _publish_in_order(self, step: Callable[[], None]) -> None:
+        """From a call thread: run ``step`` in the consumer thread after every step handed
+        over before it. Celery's ``call_soon`` keeps its callbacks in a set (kombu's Hub),
+        which runs them in any order: a stream's parts wait in one deque instead."""
+        self._parts.append(step)
+        self._consumer.call_soon(_safely, self._drain_parts)
+
+    def _drain_parts(self) -> None:
+        while self._parts:
+            _safely(self._parts.popleft())
 
     def _store(self, delivery: Delivery, reply: ReplyEnvelope) -> str:
         if not delivery.request.job:
