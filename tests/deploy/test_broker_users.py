@@ -69,6 +69,11 @@ CASES = [
     ("workers", "configure", "0c5e.reply.celery.pidbox", True),
     ("workers", "write", "celeryev", True),
     ("workers", "read", "celeryev.3f2a", True),
+    # its own exclusive stream cancel queue, declared on every connection
+    ("workers", "configure", "proxymq.cancel.9f0c2a", True),
+    ("workers", "read", "proxymq.cancel.9f0c2a", True),
+    ("gateway", "read", "proxymq.cancel.9f0c2a", False),
+    ("observer", "read", "proxymq.cancel.9f0c2a", False),
     ("workers", "configure", "amq.gen-Xy1_z", False),
     ("workers", "read", "amq.gen-Xy1_z", False),
     ("workers", "configure", "amq.default", False),
