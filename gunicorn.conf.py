@@ -1,4 +1,5 @@
-"""gunicorn settings for ``gunicorn gateway:app`` and ``gunicorn fetcher:app``.
+"""gunicorn settings for ``gunicorn gateway:app``, ``gunicorn fetcher:app`` and the
+example ``gunicorn examples.words:app``.
 
 gunicorn reads this file in the master, before it forks. Configuration is validated
 here on purpose: gunicorn respawns a worker that dies at import forever, so a bad
@@ -134,6 +135,10 @@ if _serving("fetcher"):
     except ConfigError as error:
         _stop(error)
     bind = [_config.bind]
+elif _serving("examples.words"):
+    # The streaming example: gevent workers (a sleeping stream yields), nothing else of
+    # the gateway's; bind with -b, else WORDS_BIND.
+    bind = [os.environ.get("WORDS_BIND", "0.0.0.0:8090")]
 else:
     from proxymq.config import ConfigError, GatewayConfig, check_broker_certificate
 
