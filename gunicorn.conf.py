@@ -1,4 +1,5 @@
-"""gunicorn settings for ``gunicorn gateway:app`` and ``gunicorn fetcher:app``.
+"""gunicorn settings for ``gunicorn gateway:app``, ``gunicorn fetcher:app`` and the
+example ``gunicorn examples.words:app``.
 
 gunicorn reads this file in the master, before it forks. Configuration is validated
 here on purpose: gunicorn respawns a worker that dies at import forever, so a bad
@@ -138,6 +139,11 @@ if _serving("fetcher"):
     except ConfigError as error:
         _stop(error)
     bind = [_config.bind]
+elif _serving("examples.words"):
+    # The streaming example: gevent workers (a sleeping stream yields), nothing else of
+    # the gateway's (no tracing either); bind with -b, else WORDS_BIND.
+    _service_name = None
+    bind = [os.environ.get("WORDS_BIND", "0.0.0.0:8090")]
 else:
     from proxymq.config import ConfigError, GatewayConfig, check_broker_certificate
 
@@ -183,7 +189,8 @@ def post_worker_init(worker) -> None:
     """Start exporting spans when tracing is on (here: after the fork and gevent's
     patching, so the span processor's thread is a greenlet of this process), and
     connect this worker process to the broker (its own reply queue) before serving."""
-    tracing.setup(_service_name)
+    if _service_name is not None:
+        tracing.setup(_service_name)
     extensions = getattr(worker.wsgi, "extensions", {})
     link = extensions.get("proxymq.link")
     if link is not None:

@@ -73,6 +73,7 @@ CASES = [
     ("workers", "read", "proxymq.cancel.5f0c", True),
     ("gateway", "configure", "proxymq.cancel.5f0c", False),
     ("gateway", "read", "proxymq.cancel.5f0c", False),
+    ("observer", "read", "proxymq.cancel.5f0c", False),
     ("workers", "configure", "amq.gen-Xy1_z", False),
     ("workers", "read", "amq.gen-Xy1_z", False),
     ("workers", "configure", "amq.default", False),

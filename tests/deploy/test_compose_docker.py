@@ -13,7 +13,7 @@ from .conftest import BROKER_START, COMPOSE, DEPLOY, ENV_EXAMPLE, REPO, describe
 
 pytestmark = pytest.mark.deploy
 
-PYTHON_SERVICES = {"gateway", "worker", "fetcher", "flower"}
+PYTHON_SERVICES = {"gateway", "worker", "fetcher", "flower", "words", "words-worker"}
 TRACING_SERVICES = {"otel-collector", "jaeger"}
 ALL_SERVICES = PYTHON_SERVICES | {"rabbitmq", "celery-exporter", "prometheus", "grafana"}
 ALL_SERVICES |= TRACING_SERVICES
@@ -138,6 +138,7 @@ def test_each_role_connects_as_its_own_broker_user_with_a_required_password():
     assert users == {
         "gateway.PROXYMQ_BROKER_URL": "gateway",
         "worker.PROXYMQ_BROKER_URL": "workers",
+        "words-worker.PROXYMQ_BROKER_URL": "workers",
         "flower.PROXYMQ_BROKER_URL": "observer",
         "flower.FLOWER_BROKER_API": "monitoring",
         "celery-exporter.--broker-url": "observer",
@@ -239,6 +240,15 @@ def test_compose_services_and_startup_order():
     env = services["worker"]["environment"]
     assert env["PROXYMQ_SERVICE"] == "url_fetcher"
     assert env["PROXYMQ_DOWNSTREAM_URL"] == "http://fetcher:8080"
+    # the streaming example and its worker, which shares the worker's broker user and env
+    words_cmd = services["words-worker"]["command"]
+    assert words_cmd[:4] == ["celery", "-A", "workers", "worker"] and "words_requests" in words_cmd
+    words_env = services["words-worker"]["environment"]
+    assert words_env["PROXYMQ_SERVICE"] == "words"
+    assert words_env["PROXYMQ_DOWNSTREAM_URL"] == "http://words:8090"
+    assert set(words_env) == set(env)
+    assert services["words"]["command"][:2] == ["gunicorn", "examples.words:app"]
+    assert "ports" not in services["words"]  # reached through the gateway only
     assert services["flower"]["environment"]["FLOWER_BROKER_API"].startswith("http://")
     # every bind-mounted file exists
     for svc in services.values():

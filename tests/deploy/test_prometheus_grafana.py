@@ -40,6 +40,7 @@ def test_prometheus_scrapes_every_component():
     assert {
         "gateway:8000",
         "worker:8001",
+        "words-worker:8001",
         "rabbitmq:15692",
         "celery-exporter:9808",
         "localhost:9090",

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 import requests
-from stack import free_port, unique_service, wait_for
+from stack import consumers, free_port, unique_service, wait_for
 
 
 class StreamingDownstream:
@@ -205,6 +205,8 @@ def test_a_worker_killed_mid_stream_cuts_the_answer_off_and_nothing_is_spliced_i
     try:
         sock, data, _ = read_raw(gateway.url, f"/{service}/x", until=b"data: event 3")
         victim.signal(signal.SIGKILL)
+        queue = f"{service}_requests"
+        wait_for(lambda: consumers(queue) == 0, 10, "the killed worker's consumer to go")
         stack.worker(service, endless.url)  # a second worker: no redelivery must reach it
         while chunk := sock.recv(65536):
             data += chunk

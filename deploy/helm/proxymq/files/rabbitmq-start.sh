@@ -51,7 +51,8 @@ setup() {
     '^amq\.gen-.*$'
   # workers: service queues and their .dead queues, replies and dead letters through the
   # default exchange, Celery's exchanges and queues for remote control (pidbox), task events
-  # (celeryev) and gossip/mingle.
+  # (celeryev) and gossip/mingle; and each connection's own proxymq.cancel.<hex> queue,
+  # where gateways send the cancel of a streamed answer.
   user workers "${RABBITMQ_WORKERS_PASSWORD:-}" "" \
     '^(.*_requests|.*_requests\.dead|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
     '^(amq\.default|.*_requests|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
