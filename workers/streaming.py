@@ -33,9 +33,12 @@ READ_SIZE = 64 * 1024
 
 
 def streams(response: http.client.HTTPResponse) -> bool:
-    """Whether this answer is relayed in parts rather than read whole."""
+    """Whether this answer is relayed in parts rather than read whole: an event stream,
+    or chunked without a Content-Length. Chunked *with* one is framing that disagrees
+    with itself: read whole, it reaches the client with the length it really has."""
     kind = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
-    return kind == "text/event-stream" or (response.chunked and response.length is None)
+    unsized = response.chunked and response.getheader("Content-Length") is None
+    return kind == "text/event-stream" or unsized
 
 
 @dataclass(eq=False)
