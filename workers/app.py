@@ -110,6 +110,13 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     task_create_missing_queues=False,
     worker_consumer="workers.consumer:Consumer",
+    # Kombu 5.7 declares remote-control (pidbox) queues exclusive. On a cluster, a worker
+    # that reconnects to another node while the broker still holds its old connection's
+    # queue got 405 RESOURCE_LOCKED and died (seen in the rolling-restart test). Node names
+    # are unique per process (``node_name``), so what exclusivity guards against (two
+    # workers of one name) cannot happen; the queue still goes with its consumer
+    # (auto-delete, Celery's 10 s expiry).
+    control_queue_exclusive=False,
 )
 app.steps["consumer"].add(ForwardStep)
 
