@@ -19,7 +19,7 @@ from gateway import controls, errors, idempotency, incoming, jobs, metrics
 from gateway.answers import Answer, error_answer, reply_answer
 from gateway.broker import BrokerLink
 from gateway.outgoing import envelope_of, exchange
-from gateway.streams import StreamAnswer
+from gateway.streams import Stream, StreamAnswer
 from proxymq import tracing
 from proxymq.config import RESERVED_NAMES, GatewayConfig, is_service_name
 from proxymq.idempotency import IdempotencyStore
@@ -132,14 +132,13 @@ def synchronous(
             once.keep_reply(reply)
         return reply_answer(reply, correlation_id, request.method), reply.error
     metrics.stream_first_byte.labels(label()).observe(time.perf_counter() - started)
-    end = functools.partial(link.end_stream, correlation_id)
-    if once is not None:  # a stream is not kept: its key is free again once it ends
 
-        def end(stream, end=end, release=once.release) -> None:
-            try:
-                end(stream)
-            finally:
-                release()
+    def end(stream: Stream) -> None:
+        try:
+            link.end_stream(correlation_id, stream)
+        finally:
+            if once is not None:  # a stream is not kept: its key is free once it ends
+                once.release()
 
     idle = config.stream_idle_timeout
     return StreamAnswer(reply, stream, correlation_id, idle, end), None

@@ -404,9 +404,9 @@ class GatewayConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
-        d = cls()
+        d, url = cls(), broker_url(env)
         return cls(
-            broker_url=broker_url(env),
+            broker_url=url,
             bind=read(env, "PROXYMQ_GATEWAY_BIND", bind_address, d.bind),
             services=read(env, "PROXYMQ_SERVICES", _service_list, d.services),
             reply_timeout=read(env, "PROXYMQ_REPLY_TIMEOUT", positive_number, d.reply_timeout),
@@ -420,7 +420,7 @@ class GatewayConfig:
             job_auth_header=read(env, "PROXYMQ_JOB_AUTH_HEADER", _header_name, d.job_auth_header),
             body_timeout=read(env, "PROXYMQ_BODY_TIMEOUT", positive_number, d.body_timeout),
             reply_users=read(env, "PROXYMQ_REPLY_USERS", _user_list, d.reply_users),
-            broker_tls=broker_tls(env, broker_url(env)),
+            broker_tls=broker_tls(env, url),
             stream_idle_timeout=read(
                 env, "PROXYMQ_STREAM_IDLE_TIMEOUT", positive_number, d.stream_idle_timeout
             ),
@@ -495,9 +495,9 @@ class WorkerConfig:
         services. Without ``-Q`` it serves every service of the TOML file, or the one
         named by ``PROXYMQ_SERVICE``.
         """
-        d = cls()
+        d, url = cls(), broker_url(env)
         return cls(
-            broker_url=broker_url(env),
+            broker_url=url,
             services=_services(env, queues),
             metrics_port=read(env, "PROXYMQ_WORKER_METRICS_PORT", _port, d.metrics_port),
             result_url=read(env, "PROXYMQ_RESULT_URL", _redis_url, d.result_url),
@@ -510,7 +510,7 @@ class WorkerConfig:
             max_response_bytes=read(
                 env, "PROXYMQ_MAX_RESPONSE_BYTES", positive_int, d.max_response_bytes
             ),
-            broker_tls=broker_tls(env, broker_url(env)),
+            broker_tls=broker_tls(env, url),
             stream_idle_timeout=read(
                 env, "PROXYMQ_STREAM_IDLE_TIMEOUT", positive_number, d.stream_idle_timeout
             ),

@@ -238,6 +238,36 @@ def delete_queues(*queues: str) -> None:
 # -- a downstream we can watch -----------------------------------------------------------
 
 
+class RawServer:
+    """A TCP server on loopback for a downstream or receiver that must misbehave at the
+    byte level, which an HTTP server library would not let it do: every connection goes
+    to ``answer`` in a thread of its own. Subclasses set their own state before calling
+    ``__init__``, which starts accepting."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._sock = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+
 @dataclass
 class Seen:
     method: str

@@ -19,6 +19,7 @@ Nothing in the consumer thread waits for the broker: publishing only writes
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -251,14 +252,10 @@ class Pipeline:
         if live:
             call_started = time.perf_counter()
             limit = runtime.config.max_response_bytes
-            if service.batch_url and tracing.ENABLED:
-                from workers.tracing import batch_call as traced_batch
-
-                with traced_batch(service, live) as done:
+            if service.batch_url:
+                with _batch_span(service, live) as done:
                     replies = batch_call.call(runtime.http, live, limit)
                     done(replies)
-            elif service.batch_url:
-                replies = batch_call.call(runtime.http, live, limit)
             else:
                 replies = {d.correlation_id: self._call_one(d, limit, streamed) for d in live}
             metrics.downstream_duration.labels(service.name).observe(
@@ -277,16 +274,9 @@ class Pipeline:
         """A single call; an answer that streams is relayed here, part by part (and its
         correlation id added to ``streamed``)."""
         may_stream = delivery.answers_a_client and not delivery.request.job
-        if delivery.trace is None:
+        with _call_span(delivery) as done:
             result = forwarding.call(self._runtime.connections, delivery, limit, stream=may_stream)
-        else:
-            from workers.tracing import single_call
-
-            with single_call(delivery) as done:
-                result = forwarding.call(
-                    self._runtime.connections, delivery, limit, stream=may_stream
-                )
-                done(result)
+            done(result)
         if not isinstance(result, Streaming):
             return result
         correlation_id, stream_id = delivery.correlation_id, uuid.uuid4().hex
@@ -420,6 +410,25 @@ class Pipeline:
             # LOST: the connection is gone, and with it the message's delivery.
 
         return settled
+
+
+def _call_span(delivery: Delivery):
+    """The single call's client span while tracing is on, else nothing: one path either
+    way, and ``workers.tracing`` (OpenTelemetry) is imported only when it is on."""
+    if delivery.trace is None:
+        return contextlib.nullcontext(_ignore)
+    from workers.tracing import single_call
+
+    return single_call(delivery)
+
+
+def _batch_span(service: ServiceConfig, batch: list[Delivery]):
+    """The batch call's span (linked to every item's trace) while tracing is on."""
+    if not tracing.ENABLED:
+        return contextlib.nullcontext(_ignore)
+    from workers.tracing import batch_call as traced
+
+    return traced(service, batch)
 
 
 def _safely(step: Callable, *args) -> None:

@@ -81,14 +81,21 @@ class Publisher:
         self, reply_to: str, correlation_id: str, reply: ReplyEnvelope, settled: Settled
     ) -> None:
         """Publish ``reply``; a reply queue that is gone (its gateway stopped) drops it."""
-        self.reply_part(reply_to, correlation_id, encode_reply(reply), {}, settled)
+        self.reply_part(reply_to, correlation_id, encode_reply(reply), {}, settled, False)
 
     def reply_part(
-        self, reply_to: str, correlation_id: str, body: bytes, headers: dict, settled: Settled
+        self,
+        reply_to: str,
+        correlation_id: str,
+        body: bytes,
+        headers: dict,
+        settled: Settled,
+        mandatory: bool = True,
     ) -> None:
         """Publish a reply, or one part of a streamed one (``headers`` say which).
 
-        Mandatory for a stream's parts: RETURNED then tells that its gateway is gone."""
+        A stream's parts are mandatory: RETURNED then tells that its gateway is gone
+        and the relay can stop. A whole reply is not: nothing is left to stop."""
         properties = {
             "correlation_id": correlation_id,
             "content_type": CONTENT_TYPE,
@@ -96,7 +103,7 @@ class Publisher:
             "delivery_mode": 1,
             "user_id": self._user_id,
         }
-        self.publish(reply_to, body, headers, properties, settled, mandatory=bool(headers))
+        self.publish(reply_to, body, headers, properties, settled, mandatory)
 
     def listen_for_cancels(self, cancel: Callable[[str | None], None]) -> str:
         """Declare this connection's cancel queue and consume it; return its name.

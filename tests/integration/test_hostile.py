@@ -15,7 +15,7 @@ import amqp
 import kombu
 import pytest
 import requests
-from stack import BROKER_URL, free_port, unique_service, wait_for
+from stack import BROKER_URL, RawServer, free_port, unique_service, wait_for
 
 from proxymq.envelope import ReplyEnvelope, encode_reply
 
@@ -88,32 +88,22 @@ def test_a_malformed_chunked_body_is_400_not_500(gateway, service):
     assert b"X-ProxyMQ-Error: bad-request" in head
 
 
-class LyingDownstream:
+class LyingDownstream(RawServer):
     """A raw-socket downstream whose answer's framing disagrees with itself:
     ``Transfer-Encoding: chunked`` and a ``Content-Length`` larger than the body."""
 
     BODY = b"y" * 86
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.sock = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 120\r\nTransfer-Encoding: chunked\r\n"
-                    b"Connection: close\r\n\r\n"
-                    + b"%x\r\n" % len(self.BODY)
-                    + self.BODY
-                    + b"\r\n0\r\n\r\n"
-                )
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 120\r\nTransfer-Encoding: chunked\r\n"
+                b"Connection: close\r\n\r\n"
+                + b"%x\r\n" % len(self.BODY)
+                + self.BODY
+                + b"\r\n0\r\n\r\n"
+            )
 
 
 def test_an_answer_whose_framing_disagrees_reaches_the_client_with_its_real_length(stack):

@@ -44,7 +44,7 @@ from urllib.parse import quote, unquote
 import pytest
 from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
-from stack import delete_queues, free_port, unique_service
+from stack import RawServer, delete_queues, unique_service
 
 MAX_HEADER_BYTES = 3000
 MAX_BODY_BYTES = 4096
@@ -94,16 +94,14 @@ class Record:
     body: bytes
 
 
-class RecordingDownstream:
+class RecordingDownstream(RawServer):
     """A raw-socket HTTP/1.1 server: records each request's exact request line, header
     lines and body, and answers 200 with ``X-Record: <n>`` to match it to the request."""
 
     def __init__(self) -> None:
-        self.port = free_port()
         self.records: dict[int, Record] = {}
         self._lock = threading.Lock()
-        self._sock = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     @property
     def url(self) -> str:
@@ -113,18 +111,7 @@ class RecordingDownstream:
         with self._lock:
             return len(self.records)
 
-    def close(self) -> None:
-        self._sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         buffer = b""
         with conn:
             while True:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import select
 import signal
 import socket
-import threading
 import time
 import uuid
 
 import pytest
 import requests
-from stack import consumers, free_port, unique_service, wait_for
+from stack import RawServer, consumers, unique_service, wait_for
 
 
-class StreamingDownstream:
+class StreamingDownstream(RawServer):
     """Answers every request with ``text/event-stream`` (or plain chunked): ``events``
     events ``gap`` seconds apart, then the last chunk; ``events=0`` streams for ever.
     Records each call (its correlation id, its chunks sent) and when the worker closed
@@ -23,24 +22,10 @@ class StreamingDownstream:
 
     def __init__(self, events: int, gap: float, kind: str = "text/event-stream") -> None:
         self.events, self.gap, self.kind = events, gap, kind
-        self.port = free_port()
         self.calls: list[dict] = []
-        self.sock = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         request = conn.recv(65536).decode("latin-1")
         cid = next(
             (line.split(":", 1)[1].strip() for line in request.split("\r\n")
