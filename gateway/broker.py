@@ -28,7 +28,7 @@ from gevent.lock import Semaphore
 from gateway.replies import ReplyRouter
 from gateway.streams import ABORTED, ENDED, Stream
 from proxymq.config import broker_urls
-from proxymq.confirms import ACK, LOST, ConfirmTracker
+from proxymq.confirms import ACK, LOST, ConfirmTracker, Ticket
 from proxymq.envelope import CANCEL_TO_HEADER, HEAD, STREAM_HEADER, STREAM_ID_HEADER
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ class BrokerLink:
     def _connect(self) -> None:
         connection = self._connect_any()
         self._connection = connection
-        channel = connection.connection.channel()
-        confirms = ConfirmTracker(channel)
+        channel = connection.connection.channel()  # replies; the tracker has its own
+        confirms = ConfirmTracker(connection.connection)
         queue, _, _ = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply)
         self.reply_queue = queue
@@ -216,20 +216,20 @@ class BrokerLink:
             reply_to = properties.get("reply_to")
             if confirms is None or (reply_to is not None and reply_to != self.reply_queue):
                 raise BrokerUnavailable("not connected to the broker")
-            tag = self._write(confirms, routing_key, message, result.set, timeout)
+            ticket = self._write(confirms, routing_key, message, result.set, timeout)
         finally:
             self._write_lock.release()
         try:
             outcome = result.get(timeout=timeout)
         finally:
-            confirms.forget(tag)
+            confirms.forget(ticket)
         if outcome == LOST:
             raise BrokerUnavailable("the connection to the broker was lost")
         if outcome == ACK:
             self.known_queues.add(routing_key)
         return outcome
 
-    def _write(self, confirms, routing_key, message, settled, timeout) -> int:
+    def _write(self, confirms, routing_key, message, settled, timeout) -> Ticket:
         """Under the write lock: publish, bounded in time."""
         try:
             with gevent.Timeout(timeout):

@@ -1,11 +1,11 @@
 """Everything a worker publishes: replies, requests published again, dead letters.
 
-On a confirm-mode channel of the Celery consumer's own connection, from the consumer
-thread only. The consumer thread already reads that connection (Celery's event loop),
-so the broker's confirms arrive there too, and each message is acknowledged the moment
-the broker holds what answered it (acks late): no thread waits for a confirm, no second
-connection, and a worker killed in between leaves the request unacknowledged, to be
-delivered again.
+On confirm-mode channels (``proxymq.confirms``) of the Celery consumer's own
+connection, from the consumer thread only. The consumer thread already reads that
+connection (Celery's event loop), so the broker's confirms arrive there too, and each
+message is acknowledged the moment the broker holds what answered it (acks late): no
+thread waits for a confirm, no second connection, and a worker killed in between leaves
+the request unacknowledged, to be delivered again.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def properties_of(message) -> dict:
 class Publisher:
     def __init__(self, connection) -> None:
         """``connection``: the consumer's Kombu connection, already connected."""
-        self._channel = connection.channel()
-        self._confirms = ConfirmTracker(self._channel)
+        self._channel = connection.channel()  # declares and the cancel queue
+        self._confirms = ConfirmTracker(connection.connection)
         # Replies carry the broker user they are published as. RabbitMQ refuses a
         # ``user_id`` that is not the connection's own, so a gateway can trust it
         # (``PROXYMQ_REPLY_USERS``) where it could not trust a header.

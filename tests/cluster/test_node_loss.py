@@ -187,7 +187,9 @@ def members_online(cluster, queue: str) -> int:
     return len(next(row["online"] for row in rows if row["name"] == queue))
 
 
-def report(name: str, load: Load, downstream, killed_at: list[float]) -> dict:
+def report(
+    name: str, load: Load, downstream, killed_at: list[float], back_at: float | None = None
+) -> dict:
     """Print and return the counts; assert nothing was lost."""
     outcomes = list(load.outcomes)
     by_key = {o.key: o for o in outcomes}
@@ -210,8 +212,9 @@ def report(name: str, load: Load, downstream, killed_at: list[float]) -> dict:
         windows.append((t - first, load.rate(t, t + 1)))
         t += 0.5
     recovered = _stays_above(windows, 0.0, 0.8 * baseline)
-    # After the last kill (rolling restart: after the last node came back).
-    last = killed_at[-1]
+    # After the last kill, or (rolling restart) once every node is back: a node booting
+    # on this 2-CPU machine takes CPU from the load that no product could give back.
+    last = killed_at[-1] if back_at is None else back_at
     recovered_last = _stays_above(windows, last - first, 0.8 * baseline)
     if recovered_last is not None:
         recovered_last -= last - first
@@ -244,9 +247,15 @@ def report(name: str, load: Load, downstream, killed_at: list[float]) -> dict:
         "baseline_per_s": round(baseline, 1),
         "lowest_1s_window_per_s": round(dip, 1),
         "back_to_80pct_after_s": recovered,
-        "back_to_80pct_after_last_kill_s": recovered_last,
+        "back_to_80pct_after_last_kill_s"
+        if back_at is None
+        else "back_to_80pct_after_all_back_s": (recovered_last),
         "first_200_after_kill_per_gateway_s": per_gateway_gap,
         "503_by_second_after_kill": when,
+        "kills_at_s": [round(t - first, 1) for t in killed_at],
+        "200_per_s_by_second_after_kill": [
+            round(rate) for offset, rate in windows if offset == int(offset)
+        ],
     }
     print(f"\n[cluster] {name}: {json.dumps(counts)}")
     for o in lost[:10]:
@@ -318,14 +327,13 @@ def test_kill_the_request_queues_leader(cluster, system, downstream, service):
 
 
 def expect_recovery(recovered: float | None) -> None:
-    """Throughput back to 80 % within RECOVERY seconds, for good. A known problem makes
-    this fail now and then (the invariants, checked by ``report``, never did): seen here
-    after a node is killed, every publish through the node a gateway is connected to is
-    nacked (answered 503 queue-full, the queue has no length limit) for the rest of the
-    run; a broker-only reproduction did not show it and the cause is not understood
-    (docs/scaling.md). Until it is, that case is an xfail, decided at run time."""
-    if recovered is None or recovered > RECOVERY:
-        pytest.xfail(f"known: throughput not back to 80 % within {RECOVERY} s ({recovered})")
+    """Throughput back to 80 % of the baseline within RECOVERY seconds, for good. It once
+    was not, now and then: a gateway that reconnected from the dead node first published
+    before the new leader was recorded, and RabbitMQ 3.10 nacked that channel's every
+    publish until the end of the run (test_quorum_publish.py pins the cure)."""
+    assert recovered is not None and recovered <= RECOVERY, (
+        f"throughput not back to 80 % within {RECOVERY} s ({recovered})"
+    )
 
 
 def test_kill_the_node_a_gateway_is_connected_to(cluster, system, downstream, service):
@@ -350,6 +358,8 @@ def test_kill_the_node_a_gateway_is_connected_to(cluster, system, downstream, se
 def test_rolling_restart_kills_each_node_in_turn(cluster, system, downstream, service):
     queue = f"{service}_requests"
 
+    back = []
+
     def roll():
         times = []
         for node in cluster.nodes:
@@ -357,9 +367,11 @@ def test_rolling_restart_kills_each_node_in_turn(cluster, system, downstream, se
             node.kill()
             cluster.restart(node)
             wait_for(lambda: members_online(cluster, queue) == 3, 30, "3 queue members", 0.5)
+        back.append(time.monotonic())
         return times
 
     load, killed_at = run_load(system, service, roll)
     settle(cluster, downstream, service)
-    counts = report("rolling restart, kill -9 each node in turn", load, downstream, killed_at)
-    expect_recovery(counts["back_to_80pct_after_last_kill_s"])
+    name = "rolling restart, kill -9 each node in turn"
+    counts = report(name, load, downstream, killed_at, back[0])
+    expect_recovery(counts["back_to_80pct_after_all_back_s"])
