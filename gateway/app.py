@@ -22,7 +22,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     tls = config.broker_tls
     link = BrokerLink(
         config.broker_url,
-        ssl=tls.ssl_options() if tls else None,
+        ssl=[tls.ssl_options(node.host) for node in tls.nodes] if tls else None,
         reply_users=config.reply_users,
         stream_buffer_bytes=config.stream_buffer_bytes,
     )

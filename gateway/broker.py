@@ -46,13 +46,14 @@ class BrokerLink:
         url: str,
         heartbeat: int = 20,
         reconnect_delay: float = 1.0,
-        ssl: dict | None = None,
+        ssl: list[dict] | None = None,
         reply_users: frozenset[str] | None = None,
         connect_timeout: float = 5,
         stream_buffer_bytes: int = 1024 * 1024,
     ) -> None:
-        """``ssl`` is ``BrokerTLS.ssl_options()`` for an ``amqps://`` URL: without it
-        Kombu's TLS would not check the broker's host name. ``reply_users`` is
+        """``ssl``, for ``amqps://``, is one ``BrokerTLS.ssl_options(host)`` per URL of
+        the list, in its order: each node is checked against its own host name (without
+        them Kombu's TLS would check no host name at all). ``reply_users`` is
         ``PROXYMQ_REPLY_USERS``.
 
         ``url`` may be a ``;``-separated list (a cluster's nodes): each connect tries
@@ -60,6 +61,8 @@ class BrokerLink:
         whose connection was lost is likely the one that is gone), and sleeps
         ``reconnect_delay`` only once every node has refused."""
         self._urls = broker_urls(url)
+        if ssl is not None and len(ssl) != len(self._urls):
+            raise ValueError(f"{len(ssl)} ssl options for {len(self._urls)} broker URLs")
         self._next = 0
         self._connect_timeout = connect_timeout
         self.node: str | None = None  # "host:port" of the node connected to
@@ -141,7 +144,7 @@ class BrokerLink:
                 self._urls[index],
                 heartbeat=self._heartbeat,
                 connect_timeout=self._connect_timeout,
-                ssl=self._ssl or False,
+                ssl=self._ssl[index] if self._ssl else False,
             )
             try:
                 connection.connect()

@@ -11,8 +11,11 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    import ssl  # at run time only with amqps: see broker_tls
 
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RESERVED_NAMES = frozenset({"healthz", "readyz", "metrics", "jobs"})
@@ -206,7 +209,10 @@ def broker_url(env: Mapping[str, str]) -> str:
 # against the system's CAs but not the host name, so any certificate a trusted CA signed
 # for any name would do, and the PLAIN credentials would go to whoever holds it. These
 # settings are turned into the options dict py-amqp's SSLTransport takes (a dict, never
-# an ``ssl.SSLContext``: py-amqp silently drops anything that is not a dict).
+# an ``ssl.SSLContext``: py-amqp silently drops anything that is not a dict). A
+# ``;``-separated list gets one such dict per node, each naming its own node's host: the
+# gateway passes each to that URL's connection, the workers' Celery connections rename
+# the host when they fail over (``workers.failover``).
 
 BROKER_TLS_VARIABLES = (
     "PROXYMQ_BROKER_CA_FILE",
@@ -219,20 +225,12 @@ _NAME_MISMATCH = frozenset({62, 64})
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerTLS:
-    """How to check the broker of an ``amqps://`` URL, and how to prove who we are.
-
-    ``host`` is the URL's host, the name the certificate must be valid for. ``ca_file``
-    unset means the system's CAs; set, only that CA is trusted. ``cert_file`` and
-    ``key_file`` (both or neither) are a client certificate, for a broker with
-    ``fail_if_no_peer_cert``.
-    """
+class BrokerNode:
+    """One URL of ``PROXYMQ_BROKER_URL``: its host, the name the node's certificate must
+    be valid for, and its port."""
 
     host: str
     port: int = AMQPS_PORT
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
 
     @property
     def address(self) -> str:
@@ -240,15 +238,35 @@ class BrokerTLS:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def ssl_options(self) -> dict[str, Any]:
-        """The ``ssl`` argument for Kombu / Celery's ``broker_use_ssl``.
+
+@dataclass(frozen=True, slots=True)
+class BrokerTLS:
+    """How to check the brokers of an ``amqps://`` URL or list, and how to prove who we are.
+
+    ``nodes`` are the URLs' hosts and ports, in the list's order: each node's certificate
+    is checked against its own host, never against another node's (a cluster's nodes
+    usually have a certificate each). ``ca_file`` unset means the system's CAs; set, only
+    that CA is trusted. ``cert_file`` and ``key_file`` (both or neither) are a client
+    certificate, for a broker with ``fail_if_no_peer_cert``.
+    """
+
+    nodes: tuple[BrokerNode, ...]
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def ssl_options(self, host: str) -> dict[str, Any]:
+        """The ``ssl`` argument of a Kombu connection to ``host`` (Celery's
+        ``broker_use_ssl`` for the first node); only ``server_hostname`` differs by host.
 
         ``server_hostname`` is what makes py-amqp check the host name (and send SNI); it
-        is given explicitly because Kombu rewrites ``localhost`` to ``127.0.0.1``.
+        is given explicitly because Kombu rewrites ``localhost`` to ``127.0.0.1``. A new
+        dict on every call, so that no two connections share one: Kombu may write into
+        the dict it is given, and a shared one would carry one node's name to the others.
         """
         import ssl  # only with amqps: see broker_tls
 
-        options: dict[str, Any] = {"server_hostname": self.host, "cert_reqs": ssl.CERT_REQUIRED}
+        options: dict[str, Any] = {"server_hostname": host, "cert_reqs": ssl.CERT_REQUIRED}
         if self.ca_file is not None:
             options["ca_certs"] = self.ca_file
         if self.cert_file is not None:
@@ -258,7 +276,8 @@ class BrokerTLS:
 
 
 def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
-    """The TLS settings for broker ``url`` (already valid), or None for plain ``amqp://``.
+    """The TLS settings for broker ``url`` (already valid: a list is all ``amqps://`` or
+    none), or None for plain ``amqp://``.
 
     The files are read and parsed here, so a missing, unreadable or wrong file stops the
     process at start with one line instead of failing every connection attempt later
@@ -266,11 +285,11 @@ def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
     client certificate with a URL that is not ``amqps://`` is an error: the operator
     believes the link is encrypted and it would not be.
     """
-    parts = urlsplit(broker_urls(url)[0])
+    urls = [urlsplit(one) for one in broker_urls(url)]
     ssl_keys = [
         key
-        for one in broker_urls(url)
-        for key, _ in parse_qsl(urlsplit(one).query)
+        for parts in urls
+        for key, _ in parse_qsl(parts.query)
         if key == "ssl" or key.startswith("ssl_")
     ]
     if ssl_keys:
@@ -280,16 +299,8 @@ def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
             f"TLS options in the URL ({ssl_keys[0]!r}) are not supported; use amqps:// and "
             "PROXYMQ_BROKER_CA_FILE, PROXYMQ_BROKER_CERT_FILE, PROXYMQ_BROKER_KEY_FILE",
         )
-    if ";" in url and "amqps://" in url:
-        # Kombu's failover hands every host the same ssl options, so the certificate of
-        # all but one would be checked against the wrong name.
-        raise ConfigError(
-            "PROXYMQ_BROKER_URL",
-            "several ';'-separated URLs are not supported with amqps://: the host name "
-            "check can name one host only",
-        )
     ca_file, cert_file, key_file = (read(env, name, str, None) for name in BROKER_TLS_VARIABLES)
-    if parts.scheme != "amqps":
+    if urls[0].scheme != "amqps":
         for name, value in zip(BROKER_TLS_VARIABLES, (ca_file, cert_file, key_file), strict=True):
             if value is not None:
                 raise ConfigError(
@@ -326,7 +337,8 @@ def broker_tls(env: Mapping[str, str], url: str) -> BrokerTLS | None:
             "is not the unencrypted PEM private key of PROXYMQ_BROKER_CERT_FILE's certificate",
             lambda: context.load_cert_chain(cert_file, key_file, password=""),
         )
-    return BrokerTLS(parts.hostname, parts.port or AMQPS_PORT, ca_file, cert_file, key_file)
+    nodes = tuple(BrokerNode(parts.hostname, parts.port or AMQPS_PORT) for parts in urls)
+    return BrokerTLS(nodes, ca_file, cert_file, key_file)
 
 
 def _load_pem(variable: str, path: str, wrong: str, load: Callable[[], None]) -> None:
@@ -343,41 +355,55 @@ def _load_pem(variable: str, path: str, wrong: str, load: Callable[[], None]) ->
 
 
 def check_broker_certificate(tls: BrokerTLS, timeout: float = 5.0) -> None:
-    """Stop at start-up, with one line, if the broker's certificate does not verify.
+    """Stop at start-up, with one line naming the node, if a broker's certificate does
+    not verify; every node of a list that answers is checked, each against its own host.
 
     A TLS handshake only (py-amqp's own transport and options, no credentials sent):
     a certificate that does not verify is a configuration mistake that retrying cannot
-    fix, so the process must not come up and retry forever. A broker that is down or
-    unreachable is not: the process starts and connects when it can, as over plain AMQP.
+    fix, so the process must not come up and retry forever. A node that is down or
+    unreachable is not: the process starts and connects when it can, as over plain AMQP
+    (and a node checked later on, at failover, is refused by that connection's own check).
     """
+    for node in tls.nodes:
+        _check_node(tls, node, timeout)
+
+
+def _check_node(tls: BrokerTLS, node: BrokerNode, timeout: float) -> None:
     import ssl
 
     from amqp.transport import Transport  # here: the rest of this module needs no AMQP
 
-    transport = Transport(tls.address, connect_timeout=timeout, ssl=tls.ssl_options())
+    transport = Transport(node.address, connect_timeout=timeout, ssl=tls.ssl_options(node.host))
     try:
         transport.connect()
     except ssl.SSLCertVerificationError as exc:
-        if exc.verify_code in _NAME_MISMATCH:
-            raise ConfigError(
-                "PROXYMQ_BROKER_URL",
-                f"the broker's certificate is not valid for host {tls.host!r} "
-                f"({exc.verify_message}); the URL must name a host the certificate lists",
-            ) from None
-        if tls.ca_file is not None:
-            raise ConfigError(
-                "PROXYMQ_BROKER_CA_FILE",
-                f"the broker's certificate at {tls.address} does not verify against "
-                f"{tls.ca_file!r}: {exc.verify_message}",
-            ) from None
-        raise ConfigError(
-            "PROXYMQ_BROKER_URL",
-            f"the broker's certificate at {tls.address} does not verify against the system's "
-            f"CAs: {exc.verify_message}; PROXYMQ_BROKER_CA_FILE names a private CA",
-        ) from None
+        raise _certificate_error(tls, node, exc) from None
     except OSError:
         return  # down, unreachable, or refusing us: the process's own reconnects report it
     transport.close()
+
+
+def _certificate_error(
+    tls: BrokerTLS, node: BrokerNode, exc: ssl.SSLCertVerificationError
+) -> ConfigError:
+    """The one line for ``node``'s certificate: which setting to fix, naming the node."""
+    if exc.verify_code in _NAME_MISMATCH:
+        return ConfigError(
+            "PROXYMQ_BROKER_URL",
+            f"the broker's certificate is not valid for host {node.host!r} "
+            f"({exc.verify_message}); the URL must name a host the certificate lists",
+        )
+    if tls.ca_file is not None:
+        return ConfigError(
+            "PROXYMQ_BROKER_CA_FILE",
+            f"the broker's certificate at {node.address} does not verify against "
+            f"{tls.ca_file!r}: {exc.verify_message}",
+        )
+    return ConfigError(
+        "PROXYMQ_BROKER_URL",
+        f"the broker's certificate at {node.address} does not verify against the system's "
+        f"CAs: {exc.verify_message}; PROXYMQ_BROKER_CA_FILE names a private CA",
+    )
 
 
 # -- gateway --------------------------------------------------------------------------------

@@ -363,12 +363,15 @@ def running_stack() -> Iterator[Stack]:
 
 @dataclass(frozen=True)
 class TLSListener:
-    """A TLS listener's files (PEM) and whether it demands a client certificate."""
+    """A TLS listener's files (PEM), whether it demands a client certificate, and the
+    loopback address it listens on (any of 127.0.0.0/8, so that two nodes can have
+    certificates for different addresses)."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
     require_client_cert: bool = False
+    host: str = "127.0.0.1"
 
 
 class PrivateBroker:
@@ -392,7 +395,7 @@ class PrivateBroker:
                 shutil.copy(getattr(tls, name), directory / f"{name}.pem")
             verify = "verify_peer" if tls.require_client_cert else "verify_none"
             conf += (
-                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"listeners.ssl.default = {tls.host}:{self.tls_port}\n"
                 f"ssl_options.cacertfile = {directory / 'ca_file.pem'}\n"
                 f"ssl_options.certfile = {directory / 'cert_file.pem'}\n"
                 f"ssl_options.keyfile = {directory / 'key_file.pem'}\n"
@@ -453,12 +456,16 @@ class PrivateBroker:
 @dataclass(frozen=True)
 class PKI:
     """A CA and certificates it signed: ``server`` for localhost/127.0.0.1, ``evil`` for
-    evil.example only, ``client`` for client authentication. Each is ``(cert, key)``."""
+    evil.example only, ``client`` for client authentication, ``only_127_0_0_1`` and
+    ``only_127_0_0_2`` for that IP address alone (two nodes of a failover list, each
+    valid for its own address only). Each is ``(cert, key)``."""
 
     ca: Path
     server: tuple[Path, Path]
     evil: tuple[Path, Path]
     client: tuple[Path, Path]
+    only_127_0_0_1: tuple[Path, Path]
+    only_127_0_0_2: tuple[Path, Path]
 
 
 def make_pki(directory: Path) -> PKI:
@@ -491,6 +498,12 @@ def make_pki(directory: Path) -> PKI:
             "subjectAltName=DNS:evil.example\nextendedKeyUsage=serverAuth\n",
         ),
         client=leaf("client", "/CN=proxymq-client", "extendedKeyUsage=clientAuth\n"),
+        only_127_0_0_1=leaf(
+            "only1", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+        ),
+        only_127_0_0_2=leaf(
+            "only2", "/CN=127.0.0.2", "subjectAltName=IP:127.0.0.2\nextendedKeyUsage=serverAuth\n"
+        ),
     )
 
 

@@ -30,6 +30,7 @@ from proxymq.config import (
     check_broker_certificate,
 )
 from workers.consumer import ForwardStep
+from workers.failover import AMQP
 from workers.runtime import Runtime
 
 DEFAULT_CONCURRENCY = 64
@@ -77,18 +78,20 @@ def node_name(services: list[str], given: str, argv: list[str]) -> str:
 def _broker() -> tuple[str, dict | bool]:
     """The broker URL and ``broker_use_ssl``, read at import: Flower (``celery -A workers
     flower``) and the other celery commands use this app's settings without a worker's
-    start-up signals, and they too must check the broker's certificate and host name."""
+    start-up signals, and they too must check the broker's certificate and host name.
+    The options name the list's first node; ``workers.failover`` renames the host for
+    each node a connection fails over to."""
     try:
         url = broker_url(os.environ)
         tls = broker_tls(os.environ, url)
     except ConfigError as error:
         _stop(error)
         raise
-    return url, tls.ssl_options() if tls else False
+    return url, tls.ssl_options(tls.nodes[0].host) if tls else False
 
 
 _BROKER_URL, _BROKER_SSL = _broker()
-app = Celery("workers", broker=_BROKER_URL)
+app = Celery("workers", broker=_BROKER_URL, amqp=AMQP)
 app.conf.update(
     broker_use_ssl=_BROKER_SSL,
     task_serializer="msgpack",

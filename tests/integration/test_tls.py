@@ -7,12 +7,15 @@ by a CA the system trusts, but for another host, is the attack the host name che
 """
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import amqp
+import kombu
 import pytest
 import requests
 from stack import (
@@ -42,6 +45,24 @@ def _broker(pki, leaf, require_client_cert=False):
     broker = PrivateBroker(tls=TLSListener(pki.ca, *leaf, require_client_cert))
     broker.start()
     return broker
+
+
+@pytest.fixture
+def two_nodes(pki):
+    """Two independent TLS nodes, each with a certificate valid only for its own address:
+    127.0.0.1 for the first, 127.0.0.2 (also loopback) for the second. Started together,
+    to halve the wait."""
+    nodes = [
+        PrivateBroker(tls=TLSListener(pki.ca, *pki.only_127_0_0_1, host="127.0.0.1")),
+        PrivateBroker(tls=TLSListener(pki.ca, *pki.only_127_0_0_2, host="127.0.0.2")),
+    ]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(PrivateBroker.start, nodes))
+        yield nodes
+    finally:
+        for node in nodes:
+            node.remove()
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +127,62 @@ def end_to_end(stack, downstream, env):
     return gateway, worker
 
 
+def consumers_on(broker, queue):
+    """Consumers of ``queue`` on a private node (over its plain listener)."""
+    with kombu.Connection(broker.url) as connection:
+        return connection.default_channel.queue_declare(queue, passive=True)[2]
+
+
+def await_answer(gateway, service, what, *processes, timeout=90):
+    """Wait until a request is answered, echoed; else fail with the processes' logs."""
+    try:
+        wait_for(lambda: post(gateway, service, "/x").status_code == 200, timeout, what)
+    except TimeoutError as exc:
+        logs = "\n".join(process.log()[-3000:] for process in processes)
+        raise AssertionError(f"{exc}\n{logs}") from None
+    answer = post(gateway, service, "/over/tls", b"secret")
+    assert (answer.status_code, answer.content) == (200, b"secret"), answer.text
+
+
+def test_amqps_failover_list_checks_each_node_against_its_own_name(
+    stack, downstream, pki, two_nodes
+):
+    """The gateway and a worker fail over from the first node to the second, each
+    certificate valid for its own node's address only; so does the app Flower uses."""
+    first, second = two_nodes
+    env = {
+        "PROXYMQ_BROKER_URL": f"{first.tls_url('127.0.0.1')};{second.tls_url('127.0.0.2')}",
+        "PROXYMQ_BROKER_CA_FILE": str(pki.ca),
+    }
+    service = unique_service("tlslist")
+    queue = f"{service}_requests"
+    worker = stack.worker(service, downstream.url, wait=False, **env)
+    gateway = stack.gateway(**env)
+    await_answer(gateway, service, "an answer through the first node", gateway.process, worker)
+    assert consumers_on(first, queue) == 1
+    first.stop()
+    with pytest.raises(ConnectionRefusedError):  # gone: what answers now is the second
+        socket.create_connection(("127.0.0.1", first.tls_port), timeout=5).close()
+    await_answer(gateway, service, "an answer through the second node", gateway.process, worker)
+    assert consumers_on(second, queue) == 1
+    script = (
+        "from workers.app import app\n"
+        "for connect in (app.connection_for_read, app.connection_for_write):\n"
+        "    with connect() as connection:\n"
+        "        connection.ensure_connection(max_retries=2)\n"
+        "        print('connected to', connection.hostname)\n"
+    )
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", script],
+        cwd=ROOT,
+        env=base_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.splitlines() == ["connected to 127.0.0.2"] * 2, result.stderr[-3000:]
+
+
 def test_request_goes_end_to_end_over_amqps_with_a_private_ca(stack, downstream, pki, tls_broker):
     env = {"PROXYMQ_BROKER_URL": tls_broker.tls_url(), "PROXYMQ_BROKER_CA_FILE": str(pki.ca)}
     end_to_end(stack, downstream, env)
@@ -129,6 +206,21 @@ def test_certificate_for_another_host_stops_the_process_with_one_line(
         "Error: PROXYMQ_BROKER_URL: the broker's certificate is not valid for host 'localhost'"
     ), lines
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("command", [GATEWAY, WORKER], ids=["gateway", "worker"])
+def test_start_checks_each_node_of_an_amqps_list_against_its_own_host(
+    pki, tls_broker, evil_broker, command
+):
+    """A node that is down is skipped, a good one passes, the bad one is named."""
+    down = f"amqps://guest:guest@127.0.0.1:{free_port()}//"
+    url = ";".join([down, tls_broker.tls_url("localhost"), evil_broker.tls_url("127.0.0.1")])
+    code, lines = run_to_exit(command, PROXYMQ_BROKER_URL=url, PROXYMQ_BROKER_CA_FILE=str(pki.ca))
+    assert code != 0
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "Error: PROXYMQ_BROKER_URL: the broker's certificate is not valid for host '127.0.0.1'"
+    ), lines
 
 
 @pytest.mark.parametrize("command", [GATEWAY, WORKER], ids=["gateway", "worker"])
