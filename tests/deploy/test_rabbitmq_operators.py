@@ -320,7 +320,7 @@ def test_network_policy_egress_to_the_cluster_pods():
                     },
                 }
             },
-            "not supported with amqps://",
+            "checked against its own host name",
         ),
         (with_operator(connectVia="dns"), "connectVia"),
         (with_operator(queuePolicy={"definition": {"queue-type": "quorum"}}), "queue-type"),

@@ -136,7 +136,7 @@ quorum
 {{- fail "broker.operator.connectVia must be service or nodes" -}}
 {{- end -}}
 {{- if and (eq $op.connectVia "nodes") (include "proxymq.operator.tls" .) -}}
-{{- fail "broker.operator.connectVia=nodes: several ';'-separated URLs are not supported with amqps:// (TLS); use connectVia=service" -}}
+{{- fail "broker.operator.connectVia=nodes with TLS: each node of the list is checked against its own host name, and the cluster's certificate (cluster.tls.secretName) is to name the Service; use connectVia=service" -}}
 {{- end -}}
 {{- if and (include "proxymq.operator.tls" .) (not .Values.broker.tls.existingSecret) -}}
 {{- fail "broker.operator.cluster.tls.secretName: set broker.tls.existingSecret to a Secret with the CA (ca.crt) the gateway and workers trust" -}}
