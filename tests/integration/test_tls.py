@@ -109,6 +109,19 @@ def run_to_exit(args, timeout=30, **env):
     return result.returncode, lines
 
 
+def run_app_script(script: str, env: dict) -> subprocess.CompletedProcess:
+    """Run ``script`` in a Python of the venv, as Flower and the other celery commands
+    use the workers' app: its settings at import, without a worker's start-up."""
+    return subprocess.run(
+        [str(BIN / "python"), "-c", script],
+        cwd=ROOT,
+        env=base_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def post(gateway, service, path, body=b"x", **kwargs):
     return requests.post(f"{gateway.url}/{service}{path}", data=body, timeout=15, **kwargs)
 
@@ -172,14 +185,7 @@ def test_amqps_failover_list_checks_each_node_against_its_own_name(
         "        connection.ensure_connection(max_retries=2)\n"
         "        print('connected to', connection.hostname)\n"
     )
-    result = subprocess.run(
-        [str(BIN / "python"), "-c", script],
-        cwd=ROOT,
-        env=base_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_app_script(script, env)
     assert result.stdout.splitlines() == ["connected to 127.0.0.2"] * 2, result.stderr[-3000:]
 
 
@@ -243,14 +249,7 @@ def test_celery_app_flower_uses_refuses_a_certificate_for_another_host(pki, evil
         "print('connected')\n"
     )
     env = {"PROXYMQ_BROKER_URL": evil_broker.tls_url(), "SSL_CERT_FILE": str(pki.ca)}
-    result = subprocess.run(
-        [str(BIN / "python"), "-c", script],
-        cwd=ROOT,
-        env=base_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_app_script(script, env)
     assert "connected" not in result.stdout
     assert "Hostname mismatch, certificate is not valid for 'localhost'" in result.stderr
 
