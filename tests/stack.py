@@ -169,6 +169,21 @@ class Stack:
         )
         return process
 
+    def fetcher(self, **env: str) -> str:
+        """The example downstream (``gunicorn fetcher:app``), allowed to fetch this
+        machine's test servers; its base URL once it answers /healthz."""
+        port = free_port()
+        self.run(
+            "fetcher",
+            ["gunicorn", "fetcher:app"],
+            FETCHER_ALLOW_PRIVATE="true",
+            FETCHER_BIND=f"127.0.0.1:{port}",
+            **env,
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: requests.get(url + "/healthz", timeout=1).ok, 30, "fetcher")
+        return url
+
     def _await(self, process: Process, condition: Callable[[], bool], what: str) -> None:
         try:
             wait_for(lambda: process.alive() and condition(), 30, what)
@@ -715,3 +730,15 @@ class PrivateCluster:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def poll_until_done(gateway, location: str, timeout: float = 30, **headers: str):
+    """GET a job's ``Location`` until it is no longer 202; the last answer."""
+    answers = []
+
+    def done() -> bool:
+        answers.append(requests.get(gateway.url + location, headers=headers))
+        return answers[-1].status_code != 202
+
+    wait_for(done, timeout, f"job {location}", interval=0.1)
+    return answers[-1]

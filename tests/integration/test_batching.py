@@ -23,7 +23,15 @@ import amqp
 import kombu
 import pytest
 import requests
-from stack import BROKER_URL, consumers, delete_queues, free_port, unique_service, wait_for
+from stack import (
+    BROKER_URL,
+    consumers,
+    delete_queues,
+    free_port,
+    poll_until_done,
+    unique_service,
+    wait_for,
+)
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -362,15 +370,7 @@ def test_a_reply_that_cannot_be_published_does_not_send_its_batch_back(stack, ba
 
 
 def test_the_example_fetcher_answers_batches_end_to_end(stack, gateway, downstream):
-    port = free_port()
-    stack.run(
-        "fetcher",
-        ["gunicorn", "fetcher:app"],
-        FETCHER_ALLOW_PRIVATE="true",
-        FETCHER_BIND=f"127.0.0.1:{port}",
-    )
-    fetcher_url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: requests.get(fetcher_url + "/healthz", timeout=1).ok, 30, "fetcher")
+    fetcher_url = stack.fetcher()
     service = unique_service("fetch")
     batch_worker(stack, service, fetcher_url)
     target = downstream.url + "/sleep/0.2"
@@ -394,16 +394,8 @@ def test_a_job_on_a_batch_service_is_stored_and_a_cancelled_one_skipped(stack, b
     assert requests.delete(gateway.url + cancelled.headers["Location"]).status_code == 204
     accepted = requests.post(f"{gateway.url}/{service}/ok", data=b"stored", headers=headers)
     batch_worker(stack, service, batch_downstream.url, PROXYMQ_RESULT_URL=result_url)
-    location = accepted.headers["Location"]
-    answers = []
-    wait_for(
-        lambda: (
-            answers.append(requests.get(gateway.url + location)) or answers[-1].status_code != 202
-        ),
-        20,
-        "the job's answer",
-    )
-    assert (answers[-1].status_code, answers[-1].content) == (200, b"stored")
+    answer = poll_until_done(gateway, accepted.headers["Location"], 20)
+    assert (answer.status_code, answer.content) == (200, b"stored")
     seen = {item["correlation_id"] for item in batch_downstream.items()}
     assert accepted.headers["X-Correlation-ID"] in seen
     assert cancelled.headers["X-Correlation-ID"] not in seen

@@ -12,7 +12,15 @@ import kombu
 import pytest
 import redis
 import requests
-from stack import BROKER_URL, RawServer, TaskEventsTap, free_port, unique_service, wait_for
+from stack import (
+    BROKER_URL,
+    RawServer,
+    TaskEventsTap,
+    free_port,
+    poll_until_done,
+    unique_service,
+    wait_for,
+)
 
 RESULT_URL = "redis://127.0.0.1:6379/0"
 ASYNC = {"Prefer": "respond-async"}
@@ -34,17 +42,6 @@ def submit(gateway, service, path, body=b"job", **headers):
     )
     assert response.status_code == 202, response.text
     return response
-
-
-def poll_until_done(gateway, location, timeout=30, **headers):
-    answers = []
-
-    def done():
-        answers.append(requests.get(gateway.url + location, headers=headers))
-        return answers[-1].status_code != 202
-
-    wait_for(done, timeout, f"job {location}", interval=0.1)
-    return answers[-1]
 
 
 def test_without_a_result_store_respond_async_is_501(stack, downstream):

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 import requests
-from stack import RawServer, consumers, unique_service, wait_for
+from stack import RawServer, consumers, poll_until_done, unique_service, wait_for
 
 
 class StreamingDownstream(RawServer):
@@ -215,14 +215,6 @@ def test_a_job_stores_the_whole_streamed_answer(stack):
     accepted = requests.post(
         f"{gateway.url}/{service}/x", headers={"Prefer": "respond-async"}, timeout=10
     )
-    location = accepted.headers["Location"]
-    answers = []
-    wait_for(
-        lambda: (
-            answers.append(requests.get(gateway.url + location)) or answers[-1].status_code != 202
-        ),
-        10,
-        "the job",
-    )
-    assert answers[-1].status_code == 200 and events_in(answers[-1].content) == 3
+    answer = poll_until_done(gateway, accepted.headers["Location"], 10)
+    assert answer.status_code == 200 and events_in(answer.content) == 3
     assert uuid.UUID(accepted.headers["X-Correlation-ID"])

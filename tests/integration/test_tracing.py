@@ -328,16 +328,7 @@ def test_a_batch_call_is_one_span_linked_to_every_items_trace(stack, gateway, re
 
 
 def test_the_fetcher_continues_the_trace(stack, gateway, downstream, receiver):
-    port = free_port()
-    stack.run(
-        "fetcher",
-        ["gunicorn", "fetcher:app"],
-        FETCHER_ALLOW_PRIVATE="true",
-        FETCHER_BIND=f"127.0.0.1:{port}",
-        **otel_env(receiver),
-    )
-    fetcher_url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: requests.get(fetcher_url + "/healthz", timeout=1).ok, 30, "fetcher")
+    fetcher_url = stack.fetcher(**otel_env(receiver))
     service = unique_service("tfetch")
     stack.worker(service, fetcher_url, **otel_env(receiver))
     body = json.dumps({"url": downstream.url + "/hello"}).encode()
