@@ -92,22 +92,72 @@ def boolean(text: str) -> bool:
     return text == "true"
 
 
-def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+# -- URLs: they may hold credentials ---------------------------------------------------------
+# A URL setting's user info (amqp://user:password@host) or query (redis://host/0?password=…)
+# may be a secret, so no message ever quotes one as given: ``read`` shows it through
+# ``redact_url``, and the parsers' own messages never quote it (urllib's do: "Port could
+# not be cast to integer value as '<part of the password>'").
+
+REDACTED = "***"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9._~-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
+_AFTER_HOST = re.compile(r"([^/?#]*)([^?#]*)(.*)", re.DOTALL)
+_UNENCODED = (
+    "; a '/', '?' or '#' in its user name or password must be percent-encoded (%2F, %3F, %23)"
+)
+
+
+def redact_url(text: str) -> str:
+    """``text``, a URL or a ``;`` list of them, as a message may show it: scheme, host, port
+    and path, with the user info, query and fragment replaced by ``***``.
+
+    It does not trust urlsplit, which reads a password holding an unencoded ``/``, ``?`` or
+    ``#`` as host and port: the user info ends at the *last* ``@``, a host part that is not
+    a plain ``host[:port]`` is hidden too, and so is anything that is not ``scheme://…``.
+    """
+    return ";".join(_redacted(url.strip()) for url in text.split(";"))
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return REDACTED
+    _, at, rest = rest.rpartition("@")
+    host, path, hidden = _AFTER_HOST.fullmatch(rest).groups()
+    if not _HOST_PORT.fullmatch(host):
+        host = REDACTED
+    return (
+        f"{scheme}://{REDACTED + '@' if at else ''}{host}{path}"
+        f"{hidden[:1] + REDACTED if hidden else ''}"
+    )
+
+
+def _url(schemes: tuple[str, ...], path_holds_at: bool = True) -> Callable[[str], str]:
+    """A parser of URLs of ``schemes``. ``path_holds_at=False`` for the brokers' URLs
+    (AMQP's path is a vhost, Redis's a database number): there an ``@`` after the host can
+    only be the end of user info that urllib misread, and the client library would then
+    connect elsewhere and log the rest of the password as the path."""
+
     def parse(text: str) -> str:
         parts = urlsplit(text)
+        misread = "@" in parts.path + parts.query + parts.fragment
         if parts.scheme not in schemes or not parts.hostname:
             raise ValueError(f"must be a {'/'.join(schemes)} URL with a host")
         try:
             parts.port  # noqa: B018 -- raises ValueError for a malformed port
-        except ValueError as exc:
-            raise ValueError(f"must have a valid port ({exc})") from None
+        except ValueError:
+            raise ValueError("must have a valid port" + (_UNENCODED if misread else "")) from None
+        if misread and not path_holds_at:
+            raise ValueError("has an '@' after its host" + _UNENCODED)
         return text
 
+    _URL_PARSERS.add(parse)
     return parse
 
 
+_URL_PARSERS: set[Callable[[str], str]] = set()
 _http_url = _url(("http", "https"))
-_one_broker_url = _url(("amqp", "amqps", "pyamqp"))
+_one_broker_url = _url(("amqp", "amqps", "pyamqp"), path_holds_at=False)
 
 
 def _broker_url(text: str) -> str:
@@ -129,12 +179,15 @@ def _broker_url(text: str) -> str:
     return ";".join(urls)
 
 
+_URL_PARSERS.add(_broker_url)
+
+
 def broker_urls(url: str) -> list[str]:
     """The URLs of a valid ``PROXYMQ_BROKER_URL``, in the order given."""
     return url.split(";")
 
 
-_redis_url = _url(("redis", "rediss"))
+_redis_url = _url(("redis", "rediss"), path_holds_at=False)
 
 
 def bind_address(text: str) -> str:
@@ -185,7 +238,8 @@ def read(env: Mapping[str, str], name: str, parse: Callable[[str], Any], default
     The text is stripped first; set but blank is an error, because a blank left by a
     template (``VAR=``) is more likely a mistake than a request for the default. Every
     problem is a ``ConfigError`` of one line, ``NAME: problem (got '<raw value>')``;
-    ``repr()`` keeps it one line even if the value holds a newline.
+    ``repr()`` keeps it one line even if the value holds a newline, and a URL is shown
+    redacted (``_shown``).
     """
     raw = env.get(name)
     if raw is None:
@@ -196,7 +250,13 @@ def read(env: Mapping[str, str], name: str, parse: Callable[[str], Any], default
     try:
         return parse(text)
     except ValueError as exc:
-        raise ConfigError(name, f"{exc} (got {raw!r})") from None
+        raise ConfigError(name, f"{exc} (got {_shown(parse, raw)})") from None
+
+
+def _shown(parse: Callable[[str], Any], raw: object) -> str:
+    """How an error quotes the value ``raw`` that ``parse`` refused: a URL's secrets
+    hidden (``redact_url``), in ``repr()`` to keep the message one line."""
+    return repr(redact_url(str(raw)) if parse in _URL_PARSERS else raw)
 
 
 def broker_url(env: Mapping[str, str]) -> str:
@@ -631,4 +691,6 @@ def _toml_value(where: str, key: str, value: Any) -> Any:
     try:
         return parse(str(value))
     except ValueError as exc:
-        raise ConfigError("PROXYMQ_CONFIG", f"{where} {key} {exc} (got {value!r})") from None
+        raise ConfigError(
+            "PROXYMQ_CONFIG", f"{where} {key} {exc} (got {_shown(parse, value)})"
+        ) from None

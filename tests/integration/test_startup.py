@@ -59,6 +59,61 @@ def test_worker_with_bad_setting_exits_with_one_line(env, variable):
     assert lines[0].startswith(f"Error: {variable}: ")
 
 
+# A password that urllib cannot parse out of an unencoded URL: its "/", "#", "?" or "@"
+# makes urlsplit read part of it as the port or the path, and the error quoted that part.
+SECRET = "Wq7zK9xPv2jM"
+LEAKY_URLS = [
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7z/K9xPv2jM@rabbit//"),
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7z#K9xPv2jM@rabbit//"),
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7z?K9xPv2jM@rabbit//"),
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7z@K9xPv2jM@rabbit:5672x//"),
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7zK9xPv2jM@rabbit:99999//"),
+    ("PROXYMQ_BROKER_URL", "http://gateway:Wq7zK9xPv2jM@rabbit//"),
+    ("PROXYMQ_BROKER_URL", "gateway:Wq7zK9xPv2jM@rabbit"),
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7zK9xPv2jM@a//;amqp://gateway:Wq7z/K9xPv2jM@b//"),
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7zK9xPv2jM@a//;amqps://gateway:Wq7zK9xPv2jM@b//"),
+    ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7zK9;xPv2jM@a//"),
+    ("PROXYMQ_RESULT_URL", "redis://:Wq7z/K9xPv2jM@redis:6379/0"),
+    ("PROXYMQ_RESULT_URL", "redis://redis:63x79/0?password=Wq7zK9xPv2jM"),
+]
+
+
+def _fragments(secret: str, size: int = 4) -> set[str]:
+    return {secret[start : start + size] for start in range(len(secret) - size + 1)}
+
+
+def assert_one_line_without_secret(result, variable: str) -> None:
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    lines = [line for line in output.strip().splitlines() if line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"Error: {variable}: "), lines
+    leaked = sorted(part for part in _fragments(SECRET) if part in output)
+    assert not leaked, (leaked, lines)
+
+
+@pytest.mark.parametrize(("variable", "value"), LEAKY_URLS)
+def test_gateway_refusing_a_url_never_prints_its_password(variable, value):
+    result = run(["gunicorn", "gateway:app"], **{variable: value})
+    assert_one_line_without_secret(result, variable)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        *LEAKY_URLS,
+        ("PROXYMQ_DOWNSTREAM_URL", "http://svc:Wq7z/K9xPv2jM@downstream/"),
+        ("PROXYMQ_DOWNSTREAM_URL", "ftp://svc:Wq7zK9xPv2jM@downstream/"),
+        ("PROXYMQ_HEALTH_URL", "http://downstream:8o/health?token=Wq7zK9xPv2jM"),
+        ("PROXYMQ_BATCH_URL", "http://svc:Wq7z?K9xPv2jM@downstream/"),
+    ],
+)
+def test_worker_refusing_a_url_never_prints_its_password(variable, value):
+    env = {"PROXYMQ_DOWNSTREAM_URL": "http://x", variable: value}
+    result = run(["celery", "-A", "workers", "worker", "-Q", "svc_requests"], **env)
+    assert_one_line_without_secret(result, variable)
+
+
 @pytest.mark.parametrize("pool", ["solo", "gevent"])
 def test_worker_on_another_pool_than_threads_exits_with_one_line(pool):
     args = ["celery", "-A", "workers", "worker", "-Q", "svc_requests", "-P", pool]

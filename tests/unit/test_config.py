@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from fetcher.config import FetcherConfig
-from proxymq.config import ConfigError, GatewayConfig, WorkerConfig
+from proxymq.config import ConfigError, GatewayConfig, WorkerConfig, redact_url
 
 WORKER_ENV = {"PROXYMQ_SERVICE": "a", "PROXYMQ_DOWNSTREAM_URL": "http://a"}
 
@@ -45,7 +45,7 @@ def test_bad_gateway_setting_names_the_variable_in_one_line(variable, value):
     message = str(caught.value)
     assert message.startswith(f"{variable}: ")
     assert "\n" not in message
-    assert repr(value) in message
+    assert repr(redact_url(value) if variable.endswith("_URL") else value) in message
 
 
 def test_services_allow_list_is_parsed():
@@ -325,3 +325,75 @@ def test_bad_broker_url_lists_are_one_line(value, message):
         GatewayConfig.from_env({"PROXYMQ_BROKER_URL": value})
     assert str(error.value).startswith(f"PROXYMQ_BROKER_URL: {message}")
     assert "\n" not in str(error.value)
+
+
+# -- URLs are quoted without their secrets ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:guest@localhost:5672//", "amqp://***@localhost:5672//"),
+        ("amqp://localhost//", "amqp://localhost//"),
+        ("redis://:pw@redis:6379/0?ssl_cert_reqs=none", "redis://***@redis:6379/0?***"),
+        ("http://svc/health#pw", "http://svc/health#***"),
+        # urlsplit reads "gateway:pa" as host and port; the user info ends at the last '@'
+        ("amqp://gateway:pa/ss@rabbit//", "amqp://***@rabbit//"),
+        ("amqp://gateway:pa#ss@rabbit//", "amqp://***@rabbit//"),
+        ("amqp://gateway:p@ss@[::1]:5672//", "amqp://***@[::1]:5672//"),
+        # a part that is not scheme://… or not host[:port] could be a password itself
+        ("gateway:pass@rabbit", "***"),
+        ("amqp://gateway:pa;ss@rabbit//", "amqp://***;***"),
+        (" amqp://u:p@a// ; amqp://u:p@b:5673// ", "amqp://***@a//;amqp://***@b:5673//"),
+    ],
+)
+def test_redact_url_hides_user_info_query_and_what_is_not_a_host(url, shown):
+    assert redact_url(url) == shown
+
+
+PASSWORD = "Wq7zK9xPv2jM"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PROXYMQ_BROKER_URL", "amqp://gateway:Wq7z/K9xPv2jM@rabbit//"),
+        ("PROXYMQ_BROKER_URL", "amqp://gateway:1234/Wq7zK9xPv2jM@rabbit//"),
+        ("PROXYMQ_BROKER_URL", "amqp://a//;amqp://gateway:Wq7zK9xPv2jM@b:99999//"),
+        ("PROXYMQ_RESULT_URL", "redis://:Wq7z?K9xPv2jM@redis/0"),
+        ("PROXYMQ_DOWNSTREAM_URL", "http://svc:Wq7z#K9xPv2jM@downstream/"),
+        ("PROXYMQ_HEALTH_URL", "http://downstream:8o/health?token=Wq7zK9xPv2jM"),
+    ],
+)
+def test_a_refused_url_setting_never_quotes_its_password(variable, value):
+    with pytest.raises(ConfigError) as caught:
+        _worker({variable: value})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: ")
+    assert not [
+        PASSWORD[i : i + 4] for i in range(len(PASSWORD) - 3) if PASSWORD[i : i + 4] in message
+    ]
+
+
+def test_a_password_misread_as_a_port_is_explained():
+    with pytest.raises(ConfigError) as caught:
+        GatewayConfig.from_env({"PROXYMQ_BROKER_URL": "amqp://gateway:pa/ss@rabbit//"})
+    assert str(caught.value) == (
+        "PROXYMQ_BROKER_URL: must have a valid port; a '/', '?' or '#' in its user name or "
+        "password must be percent-encoded (%2F, %3F, %23) (got 'amqp://***@rabbit//')"
+    )
+
+
+def test_an_at_sign_in_an_http_path_is_a_path():
+    env = {"PROXYMQ_DOWNSTREAM_URL": "http://svc/users/a@b"}
+    assert _worker(env).services["a"].downstream_url == "http://svc/users/a@b"
+
+
+def test_a_url_in_the_toml_file_is_quoted_without_its_password(tmp_path):
+    path = tmp_path / "services.toml"
+    path.write_text('[services.a]\ndownstream_url = "http://svc:Wq7z/K9xPv2jM@downstream/"\n')
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({"PROXYMQ_CONFIG": str(path)}, None)
+    assert str(caught.value).startswith("PROXYMQ_CONFIG: [services.a] downstream_url must")
+    assert "'http://***@downstream/'" in str(caught.value)
+    assert "K9xP" not in str(caught.value)
