@@ -62,24 +62,71 @@ def _safe_logger():
 logger_class = _safe_logger()
 
 
-def _gateway_worker():
+def _whole_head_request(max_header_bytes: int):
+    """gunicorn's request, its head read whole before gunicorn parses it, in one pass.
+
+    gunicorn's parser rescans its whole buffer on every read (a copy, a search for the
+    blank line, two counts of line ends): the cost of a head grows with the square of its
+    size, and while one flood is scanned every other connection of the process waits.
+    Here the head is read first, each read's bytes scanned once (the search resumes where
+    the last one stopped), and cut off at the gateway's limit: the request line, then
+    at most ``PROXYMQ_MAX_HEADER_BYTES`` of header lines (431). gunicorn then finds the
+    whole head in its buffer and parses it once, with all its own checks.
+    """
+    import re
+
+    from gunicorn.http.errors import LimitRequestHeaders
+    from gunicorn.http.message import MAX_REQUEST_LINE, Request
+
+    bare_lf = re.compile(rb"(?<!\r)\n")
+
+    class WholeHeadRequest(Request):
+        def read_into(self, unreader, buf, stop=False):
+            super().read_into(unreader, buf, stop)
+            if stop:  # the first read of a request
+                self._read_head(unreader, buf)
+
+        def _read_head(self, unreader, buf) -> None:
+            line_limit = self.limit_request_line or MAX_REQUEST_LINE
+            # An empty line may come first (RFC 9112 2.2), then the request line.
+            most = 2 + line_limit + 2 + max_header_bytes + 2
+            scanned, end = 0, buf.find(b"\r\n\r\n")
+            # A bare LF: gunicorn refuses it at once, so stop waiting for a blank line.
+            while end < 0 and not bare_lf.search(buf, scanned) and len(buf) <= most:
+                scanned = len(buf)
+                super().read_into(unreader, buf)
+                end = buf.find(b"\r\n\r\n", max(0, scanned - 3))
+            start = 2 if buf.startswith(b"\r\n") else 0
+            line_end = buf.find(b"\r\n", start, start + line_limit + 2)
+            if line_end < 0:
+                return  # a request line over its limit: gunicorn answers 414
+            if (end if end >= 0 else len(buf)) - line_end > max_header_bytes:
+                raise LimitRequestHeaders("request headers over the limit")
+
+    return WholeHeadRequest
+
+
+def _gateway_worker(max_header_bytes: int):
     """gunicorn's gevent worker, answering the requests its parser refuses as the gateway
-    answers every error of its own: ``X-ProxyMQ-Error`` and the JSON body, never
-    gunicorn's HTML page (431 ``headers-too-large`` for the header limits, 400
-    ``bad-request`` for a malformed request line, header or chunk). gunicorn still picks
-    the status, logs the refusal and writes the access log line; only what it would
-    send is replaced. Defined here, not in ``gateway/``: importing that package builds
-    the app, which must not happen in the master."""
+    answers every error of its own: ``X-ProxyMQ-Error``, ``X-Correlation-ID`` and the
+    JSON body, never gunicorn's HTML page (431 ``headers-too-large`` for the header
+    limits, 400 ``bad-request`` for a malformed request line, header or chunk). gunicorn
+    still picks the status, logs the refusal and writes the access log line; only what
+    it would send is replaced. Defined here, not in ``gateway/``: importing that package
+    builds the app, which must not happen in the master (the worker imports the
+    gateway's error renderer when it answers, the app being loaded by then)."""
     import contextlib
-    import json
+    import uuid
 
     from gunicorn.http.errors import ConfigurationProblem, UnsupportedTransferCoding
+    from gunicorn.http.parser import RequestParser
     from gunicorn.workers.ggevent import GeventWorker
 
     codes = {431: "headers-too-large", 500: "internal-error"}
     # gunicorn answers these with a 5xx, but they are the client's doing: a transfer
     # coding it does not support, a SCRIPT_NAME header that does not fit the path.
     client_faults = (ConfigurationProblem, UnsupportedTransferCoding)
+    request_class = _whole_head_request(max_header_bytes)
 
     class Captured:
         """The client socket, but what gunicorn writes to it is kept, not sent."""
@@ -94,28 +141,38 @@ def _gateway_worker():
             return getattr(self._sock, name)
 
     class GatewayWorker(GeventWorker):
+        def init_process(self):
+            # gunicorn's workers make their parser with ``http.get_parser``, which takes no
+            # request class: in this process (a gateway worker's), every request's head
+            # is read by ``WholeHeadRequest``.
+            RequestParser.mesg_class = request_class
+            super().init_process()
+
         def handle_error(self, req, client, addr, exc):
+            from gateway.answers import error_answer, status_line
+            from gateway.errors import GatewayError
+
             captured = Captured(client)
             super().handle_error(req, captured, addr, exc)
             # gunicorn wrote "HTTP/1.1 <status> <reason>\r\n...": keep its status.
             parts = captured.sent.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             if len(parts) != 3 or not parts[1].isdigit():
                 return
-            _, status, reason = parts
+            status, reason = int(parts[1]), parts[2]
             if isinstance(exc, client_faults):
-                status, reason = "400", "Bad Request"
-            code = codes.get(int(status), "bad-request")
+                status, reason = 400, "Bad Request"
+            code = codes.get(status, "bad-request")
             message = "request headers over the limit" if code == codes[431] else reason
-            body = json.dumps({"error": code, "message": message, "correlation_id": None})
-            head = (
-                f"HTTP/1.1 {status} {reason}\r\n"
-                "Content-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                f"X-ProxyMQ-Error: {code}\r\n"
-                "Connection: close\r\n\r\n"
+            answer = error_answer(GatewayError(status, code, message), str(uuid.uuid4()))
+            head = "".join(
+                [
+                    f"HTTP/1.1 {status_line(answer.status)}\r\n",
+                    *(f"{name}: {value}\r\n" for name, value in answer.headers),
+                    "Connection: close\r\n\r\n",
+                ]
             )
             with contextlib.suppress(OSError):  # a client that has gone is told nothing
-                client.sendall((head + body).encode("latin-1"))
+                client.sendall(head.encode("latin-1") + answer.body)
 
     return GatewayWorker
 
@@ -158,17 +215,14 @@ else:
     except ConfigError as error:
         _stop(error)
     bind = [_config.bind]
-    # gunicorn's parser rescans its whole buffer on every read: the cost of a header block
-    # grows with the square of its size, and while one flood is parsed every other
-    # connection of the process waits. Its own limits bound the block it will scan to
-    # fields x field size (here at most 100 x 8 KiB); the gateway's total limit,
-    # PROXYMQ_MAX_HEADER_BYTES (431 with its JSON error), applies within that.
-    limit_request_field_size = min(_config.max_header_bytes, 8190)
+    # One header may use the whole of PROXYMQ_MAX_HEADER_BYTES (a large JWT or cookie);
+    # the head in all is cut off at that limit as it is read (_whole_head_request).
+    limit_request_field_size = _config.max_header_bytes
     limit_request_fields = 100
     # The gateway reads the raw target (RAW_URI); a SCRIPT_NAME or PATH_INFO header from
     # a "trusted" peer (gunicorn trusts 127.0.0.1 by default) means nothing to it.
     forwarder_headers = ""
-    worker_class = _gateway_worker()
+    worker_class = _gateway_worker(_config.max_header_bytes)
     # A SIGTERMed worker answers the requests it holds before it exits.
     graceful_timeout = int(_config.reply_timeout) + 5
     # Metrics of all worker processes meet in one directory (prometheus_client's

@@ -167,6 +167,28 @@ def test_a_header_flood_is_cut_off_and_never_stalls_the_process(stack, service):
 
 
 @pytest.mark.parametrize(
+    "cut", ["X-Big", "\r", "\n\r", "\n"], ids=["in-a-name", "cr", "lf-cr", "lf"]
+)
+def test_a_head_arriving_in_pieces_cut_anywhere_is_read_whole(gateway, service, downstream, cut):
+    # The head is read whole before it is parsed, each piece scanned once where the last
+    # scan stopped: the blank line that ends it may be cut across two reads.
+    value = "v" * 20000
+    head = f"GET /{service}/pieces HTTP/1.1\r\nHost: a\r\nX-Big: {value}\r\n\r\n".encode()
+    at = head.index(cut.encode(), 20000 if cut.startswith(("\r", "\n")) else 0) + 1
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in (head[:10], head[10:at], head[at:]):  # the request line cut too
+            sock.sendall(piece)
+            time.sleep(0.05)  # separate reads at the gateway, most likely
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    correlation_id = answer.split(b"X-Correlation-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    (seen,) = downstream.requests_for(correlation_id)
+    assert dict(seen.headers)["X-Big"] == value
+
+
+@pytest.mark.parametrize(
     "path", ["/../admin", "/%2e%2e/%2e%2e/admin", "/..%2f..%2fadmin", "/a/..\\..\\admin"]
 )
 def test_a_path_climbing_above_the_service_root_is_400(gateway, service, downstream, path):

@@ -38,6 +38,7 @@ import os
 import re
 import socket
 import threading
+import uuid
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
@@ -477,12 +478,13 @@ class Expected:
 
 def parsed_headers(request: Request) -> tuple[list[tuple[str, str]], str, dict]:
     """The headers as the gateway reads them from the WSGI environment, the scheme, and
-    gunicorn's own limits: what gunicorn's parser makes of the header lines."""
+    the limits of gunicorn's parser: the header lines' bytes in all (CRLFs included; one
+    line may use the whole limit), and the number of fields."""
     environ: dict[str, str] = {}
     scheme = "http"
-    longest = 0
+    block = 0
     for name, raw in request.headers:
-        longest = max(longest, len(name) + 1 + len(raw) + 2)
+        block += len(name) + 1 + len(raw) + 2
         value = raw.strip(" \t")
         upper = name.upper()
         if upper.lower() in SECURE_SCHEME:
@@ -500,7 +502,7 @@ def parsed_headers(request: Request) -> tuple[list[tuple[str, str]], str, dict]:
             headers.append((key[5:].replace("_", "-").title(), value))
         else:
             headers.append(({"CONTENT_TYPE": "Content-Type"}.get(key, "Content-Length"), value))
-    limits = {"longest_line": longest, "fields": len(environ)}
+    limits = {"block": block, "fields": len(environ)}
     return headers, scheme, limits
 
 
@@ -534,7 +536,7 @@ def climbs(path: str) -> bool:
 
 def expect(request: Request, service: str) -> Expected:
     headers, scheme, limits = parsed_headers(request)
-    if limits["longest_line"] > MAX_HEADER_BYTES or limits["fields"] > 100:
+    if limits["block"] > MAX_HEADER_BYTES or limits["fields"] > 100:
         return Expected(431, "headers-too-large")  # at gunicorn's parser
     name, rest, _ = rest_of(request.target)
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) or name in RESERVED:
@@ -797,12 +799,15 @@ def test_a_script_name_or_path_info_header_is_an_ordinary_dropped_header(client,
         ("GET /{}/x", "Bad Name: x\r\n", b"400"),
         ("GET /{}/x", "X-A: a\r\n folded\r\n", b"400"),
         ("GET /{}/\u00e9", "", b"400"),
+        ("GET /{}/x", "X-A: a\r\n" * 100, b"431"),
+        ("GET /{}/x", f"X-A: {'a' * 1600}\r\nX-B: {'b' * 1600}\r\n", b"431"),
     ],
     ids=[
         "target-over-4094", "repeated-host", "repeated-content-type", "contradictory-scheme",
         "expect-other", "repeated-content-length", "transfer-encoding-gzip",
         "transfer-encoding-unknown",
         "bad-header-name", "obsolete-folding", "raw-utf8-in-target",
+        "over-100-fields", "fields-over-the-limit-in-total",
     ],
 )  # fmt: skip
 def test_the_parsers_refusals_are_gateway_errors(client, line, fields, status):
@@ -811,4 +816,8 @@ def test_the_parsers_refusals_are_gateway_errors(client, line, fields, status):
     first, _, body = answer.partition(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 " + status), answer
     assert b"X-ProxyMQ-Error: " in first, answer
-    assert set(json.loads(body)) == {"error", "message", "correlation_id"}
+    error = json.loads(body)
+    assert set(error) == {"error", "message", "correlation_id"}
+    # Every gateway error carries a correlation id (SPEC), the parser's too.
+    assert str(uuid.UUID(error["correlation_id"])) == error["correlation_id"], error
+    assert f"X-Correlation-ID: {error['correlation_id']}".encode() in first.split(b"\r\n")

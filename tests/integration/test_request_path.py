@@ -1,5 +1,6 @@
 """The request path end to end: real gunicorn gateway, real Celery worker, real RabbitMQ."""
 
+import base64
 import concurrent.futures
 import http.client
 import os
@@ -178,6 +179,25 @@ def test_headers_over_the_limit_are_431(gateway, service):
     response = requests.get(url(gateway, service, "/x"), headers={"X-Big": "v" * 33000})
     assert response.status_code == 431
     assert response.headers["X-ProxyMQ-Error"] == "headers-too-large"
+    assert response.json()["correlation_id"] == response.headers["X-Correlation-ID"]
+
+
+def test_one_header_may_use_the_whole_limit(gateway, service, downstream):
+    # A large JWT or session cookie: 20 KiB, under PROXYMQ_MAX_HEADER_BYTES (32 KiB).
+    token = base64.urlsafe_b64encode(os.urandom(15 * 1024)).decode()
+    assert len(token) == 20 * 1024
+    response = requests.get(url(gateway, service, "/me"), headers={"Authorization": token})
+    assert response.status_code == 200, response.text
+    (seen,) = downstream.requests_for(response.headers["X-Correlation-ID"])
+    assert dict(seen.headers)["Authorization"] == token
+
+
+def test_header_fields_over_the_limit_in_total_are_431_with_a_correlation_id(gateway, service):
+    headers = {"X-Part-1": "a" * 17000, "X-Part-2": "b" * 17000}  # each fits, both do not
+    response = requests.get(url(gateway, service, "/x"), headers=headers)
+    assert response.status_code == 431
+    assert response.headers["X-ProxyMQ-Error"] == "headers-too-large"
+    assert response.json()["correlation_id"] == response.headers["X-Correlation-ID"]
 
 
 def test_unreachable_downstream_is_502(stack, gateway):
