@@ -19,10 +19,10 @@ import pytest
 import requests
 import yaml
 from deploy.promql import metric_names, substitute_grafana_variables
-from prometheus_client.parser import text_string_to_metric_families
 from stack import (
     BROKER_URL,
     ROOT,
+    Scrape,
     consumers,
     delete_queues,
     free_port,
@@ -36,27 +36,6 @@ from proxymq.envelope import RequestEnvelope, task_message
 RESULT_URL = "redis://127.0.0.1:6379/0"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
-
-
-class Scrape:
-    """One scrape in Prometheus text format: ``value(name, **labels)`` sums the samples
-    of ``name`` whose labels include ``labels`` (0 when none)."""
-
-    def __init__(self, url: str) -> None:
-        self.samples = [
-            sample
-            for family in text_string_to_metric_families(requests.get(url, timeout=5).text)
-            for sample in family.samples
-        ]
-
-    @property
-    def names(self) -> set[str]:
-        return {sample.name for sample in self.samples}
-
-    def value(self, name: str, **labels: str) -> float:
-        return sum(
-            s.value for s in self.samples if s.name == name and labels.items() <= s.labels.items()
-        )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +59,7 @@ def running(stack, downstream, services):
         f'[services.{services["plain"]}]\ndownstream_url = "{downstream.url}"\n'
         f'[services.{services["words"]}]\ndownstream_url = "{words}"\n'
         f'[services.{services["batch"]}]\ndownstream_url = "{fetcher}"\n'
-        f'batch_url = "{fetcher}/batch"\nbatch_size = 4\nbatch_wait_ms = 200\n'
+        f'batch_url = "{fetcher}/batch"\nbatch_size = 4\nbatch_wait_ms = 2000\n'
     )
     worker_port = free_port()
     queues = ",".join(f"{services[r]}_requests" for r in ("plain", "words", "batch"))
@@ -122,10 +101,12 @@ def test_a_synchronous_request_and_a_timeout(running, services):
     assert scrape.value("proxymq_gateway_request_duration_seconds_count", service=plain) == 2
     assert scrape.value("proxymq_gateway_inflight", service=plain) == 0
     wait_for(
-        lambda: Scrape(worker_metrics).value(
-            "proxymq_worker_downstream_requests_total", service=plain, status="504"
-        )
-        == 1,
+        lambda: (
+            Scrape(worker_metrics).value(
+                "proxymq_worker_downstream_requests_total", service=plain, status="504"
+            )
+            == 1
+        ),
         15,
         "the worker to give up the slow call at its deadline",
     )
@@ -135,9 +116,7 @@ def test_a_synchronous_request_and_a_timeout(running, services):
     assert scrape.value("proxymq_worker_queue_wait_seconds_count", service=plain) == 2
 
 
-def test_a_job_is_counted_submitted_at_the_gateway_and_completed_at_the_worker(
-    running, services
-):
+def test_a_job_is_counted_submitted_at_the_gateway_and_completed_at_the_worker(running, services):
     gateway, gateway_metrics, worker_metrics = running
     plain = services["plain"]
     accepted = post(gateway, plain, "/job", b"later", Prefer="respond-async")
@@ -163,10 +142,12 @@ def test_a_stream_counts_its_bytes_at_the_gateway_and_its_end_at_the_worker(runn
     # Other tests' gateways write to their own metrics directories: this is ours alone.
     assert streamed == len(answer.content)
     wait_for(
-        lambda: Scrape(worker_metrics).value(
-            "proxymq_worker_streams_total", service=words, outcome="end"
-        )
-        == 1,
+        lambda: (
+            Scrape(worker_metrics).value(
+                "proxymq_worker_streams_total", service=words, outcome="end"
+            )
+            == 1
+        ),
         10,
         "the worker to count the stream's end",
     )
@@ -182,8 +163,9 @@ def test_a_batch_observes_its_size_and_its_wait(running, services, downstream):
     assert scrape.value("proxymq_worker_batch_size_count", service=batch) == 1
     assert scrape.value("proxymq_worker_batch_size_sum", service=batch) == 1
     assert scrape.value("proxymq_worker_batch_wait_seconds_count", service=batch) == 1
-    # A lone request on an idle worker does not wait out the window (docs/batching.md).
-    assert scrape.value("proxymq_worker_batch_wait_seconds_sum", service=batch) < 0.2
+    # A lone request on an idle worker does not wait out the 2 s window (docs/batching.md);
+    # half of it is room for a loaded machine.
+    assert scrape.value("proxymq_worker_batch_wait_seconds_sum", service=batch) < 1.0
 
 
 def test_an_undecodable_message_is_counted_dead_lettered(running, services):
@@ -193,8 +175,9 @@ def test_an_undecodable_message_is_counted_dead_lettered(running, services):
     properties = {"content_type": "application/x-msgpack", "content_encoding": "binary"}
     publish(f"{plain}_requests", b"\xc1 not msgpack", headers, properties)
     wait_for(
-        lambda: Scrape(worker_metrics).value("proxymq_worker_dead_lettered_total", service=plain)
-        == 1,
+        lambda: (
+            Scrape(worker_metrics).value("proxymq_worker_dead_lettered_total", service=plain) == 1
+        ),
         10,
         "the dead letter to be counted",
     )
