@@ -24,8 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import amqp
 import kombu
+import kombu.exceptions
+import redis
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -40,14 +44,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval=0.05) -> None:
+# What a condition may raise while what it awaits is not there yet: a refused or reset
+# connection (requests' errors are OSErrors, raise_for_status's too), a broker that is not
+# up or has no such queue yet, Redis not up, a rabbitmqctl that fails until its node has
+# started. Anything else (a KeyError, a TypeError, a failed assert) is a bug in the test
+# or in the code, and ends the wait at once.
+NOT_YET: tuple[type[BaseException], ...] = (
+    OSError,
+    kombu.exceptions.OperationalError,
+    amqp.exceptions.AMQPError,
+    redis.exceptions.ConnectionError,
+    subprocess.SubprocessError,
+)
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    ignoring: tuple[type[BaseException], ...] = NOT_YET,
+) -> None:
+    """Return once ``condition()`` is true; ``TimeoutError`` (with the last exception
+    ``condition`` raised, if any) after ``timeout`` seconds. Only the ``ignoring``
+    exceptions count as "not yet"; any other goes through."""
     deadline = time.monotonic() + timeout
+    last: BaseException | None = None
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        try:
             if condition():
                 return
+        except ignoring as exc:
+            last = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    because = f" (last: {type(last).__name__}: {last})" if last is not None else ""
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{because}")
 
 
 def unique_service(prefix: str = "t") -> str:
@@ -187,8 +218,9 @@ class Stack:
     def _await(self, process: Process, condition: Callable[[], bool], what: str) -> None:
         try:
             wait_for(lambda: process.alive() and condition(), 30, what)
-        except TimeoutError:
-            raise AssertionError(f"{what} did not start:\n{process.log()[-4000:]}") from None
+        except TimeoutError as exc:
+            log = process.log()[-4000:]
+            raise AssertionError(f"{what} did not start ({exc}):\n{log}") from None
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -248,6 +280,30 @@ def delete_queues(*queues: str) -> None:
         for queue in queues:
             with contextlib.suppress(Exception):
                 connection.channel().queue_delete(queue)
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+class Scrape:
+    """One scrape in Prometheus text format: ``value(name, **labels)`` sums the samples
+    of ``name`` whose labels include ``labels`` (0 when none)."""
+
+    def __init__(self, url: str) -> None:
+        self.samples = [
+            sample
+            for family in text_string_to_metric_families(requests.get(url, timeout=5).text)
+            for sample in family.samples
+        ]
+
+    @property
+    def names(self) -> set[str]:
+        return {sample.name for sample in self.samples}
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(
+            s.value for s in self.samples if s.name == name and labels.items() <= s.labels.items()
+        )
 
 
 # -- a downstream we can watch -----------------------------------------------------------

@@ -303,3 +303,17 @@ def test_dockerfile_shape():
     assert "\nUSER " in text and "USER root" not in text
     assert "COPY gunicorn.conf.py" in text
     assert 'CMD ["gunicorn", "gateway:app"]' in text
+
+
+def test_image_installs_the_lock_and_nothing_else():
+    """The image's packages are the hash-checked lock's: the project's own wheel goes in
+    without resolving dependencies, and pip check fails the build if the lock lacks one."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "COPY requirements.lock" in text
+    assert "pip install --no-deps --require-hashes -r requirements.lock" in text
+    assert "pip install --no-deps /wheels/*.whl" in text
+    assert "pip check" in text
+    lock = (REPO / "requirements.lock").read_text()
+    assert "--hash=sha256:" in lock
+    for name in ("celery", "flask", "gunicorn", "opentelemetry-sdk"):
+        assert f"\n{name}==" in lock, name

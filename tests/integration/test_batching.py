@@ -160,7 +160,7 @@ def test_a_lone_request_on_an_idle_worker_does_not_wait_the_window(gateway, batc
     response = post(gateway, batched, "/alone", b"alone")
     elapsed = time.monotonic() - started
     assert (response.status_code, response.content) == (200, b"alone")
-    assert elapsed < 0.5  # the window is 2 s
+    assert elapsed < 1.0  # the window is 2 s: half of it is room for a loaded machine
 
 
 def test_concurrent_requests_go_in_batches_and_each_gets_its_own_answer(

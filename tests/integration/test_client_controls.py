@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from stack import consumers, free_port, unique_service, wait_for
+from stack import Scrape, consumers, free_port, unique_service, wait_for
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -137,7 +137,16 @@ def test_a_worker_killed_mid_call_the_redelivered_call_answers_both(stack, gatew
     wait_for(lambda: calls_with(downstream, body), 10, "the first call")
     repeat = threading.Thread(target=send, args=("repeat",))
     repeat.start()
-    time.sleep(0.3)  # the repeat is waiting for the first
+    wait_for(
+        lambda: (
+            Scrape(gateway.url + "/metrics").value(
+                "proxymq_gateway_idempotent_waits_total", service=service
+            )
+            == 1
+        ),
+        10,
+        "the repeat to wait for the first",
+    )
     doomed.kill()
     stack.worker(service, downstream.url)
     first.join(30)

@@ -4,7 +4,6 @@ ends cleanly (the last chunk of a chunked body)."""
 
 from __future__ import annotations
 
-import itertools
 import socket
 import time
 
@@ -71,7 +70,7 @@ def test_the_example_alone_streams_word_by_word(words):
     head, _, events = read_events(words, f"/words?text=a+b+c&delay_ms={DELAY * 1000:.0f}")
     assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
     assert [data for _, data in events] == [b"a", b"b", b"c", b"3"]
-    assert events[1][0] - events[0][0] > DELAY * 0.8
+    assert events[2][0] - events[0][0] > DELAY  # two waits of DELAY, with room
 
 
 def test_words_arrive_one_by_one_through_the_gateway_and_end_cleanly(gateway, service):
@@ -85,13 +84,13 @@ def test_words_arrive_one_by_one_through_the_gateway_and_end_cleanly(gateway, se
     # Every word once, in order, then the example's end event; then the last chunk.
     assert [data for _, data in events] == [w.encode() for w in WORDS] + [b"%d" % len(WORDS)]
     assert body.endswith(b"0\r\n\r\n")
-    # One by one: the first long before the last was even written, and each about DELAY
-    # after the one before it (what the queue adds is milliseconds, not a buffered body).
+    # One by one: the example waits DELAY between words, so the first arrived long before
+    # the last was even written (a relay that held the body would hand them over at once),
+    # and they came in separate reads, not as one lump. Each gap is not bounded: a loaded
+    # machine may stall a word and hand over two in one read; half the span is room.
     arrivals = [seconds for seconds, _ in events[: len(WORDS)]]
-    assert arrivals[0] < 1.0
-    assert arrivals[-1] - arrivals[0] > DELAY * (len(WORDS) - 1) * 0.9
-    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
-    assert all(DELAY * 0.5 < gap < DELAY * 2 for gap in gaps), gaps
+    assert arrivals[-1] - arrivals[0] > DELAY * (len(WORDS) - 1) * 0.5, arrivals
+    assert len(set(arrivals)) > len(WORDS) // 2, arrivals
 
 
 def test_a_fast_stream_arrives_whole_and_in_order(gateway, service):

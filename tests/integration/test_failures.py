@@ -46,7 +46,7 @@ def test_broker_outage_fails_fast_and_everything_recovers(stack, downstream, pri
         "broker-unavailable",
     )
     assert int(response.headers["Retry-After"]) > 0
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 3  # at once, not after the reply timeout (120 s)
     assert requests.get(gateway.url + "/readyz").status_code == 503
 
     private_broker.start()

@@ -163,7 +163,9 @@ def test_a_header_flood_is_cut_off_and_never_stalls_the_process(stack, service):
         stop.set()
         checker.join()
     assert answer.startswith(b"HTTP/1.1 431") or answer == b""
-    assert slowest and max(slowest) < 0.5, f"slowest /healthz: {max(slowest):.2f} s"
+    # A process stalled by the flood (its parser rescanning megabytes on every read) keeps
+    # /healthz waiting for many seconds; 2 s is room for a loaded machine.
+    assert slowest and max(slowest) < 2, f"slowest /healthz: {max(slowest):.2f} s"
 
 
 @pytest.mark.parametrize(

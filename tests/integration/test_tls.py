@@ -264,7 +264,9 @@ def test_broker_down_at_start_stops_nothing_and_amqps_connects_once_it_is_up(
         worker = stack.worker(service, downstream.url, wait=False, **env)
         gateway = stack.gateway(ready_path="/healthz", **env)
         assert requests.get(gateway.url + "/readyz").status_code == 503
-        time.sleep(2)  # the worker's start-up check has run by now
+        # Past its start-up check (the broker's certificate, if it answers), the worker
+        # tries to connect, and says so.
+        wait_for(lambda: "Cannot connect to amqps://" in worker.log(), 30, "a connect attempt")
         assert worker.alive() and gateway.process.alive(), worker.log()[-2000:]
         broker.start()
         wait_for(lambda: requests.get(gateway.url + "/readyz").ok, 60, "gateway to connect")
