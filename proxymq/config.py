@@ -427,6 +427,7 @@ class GatewayConfig:
     stream_idle_timeout: float = 30.0
     stream_buffer_bytes: int = 1024 * 1024
     idempotency_ttl: int = 86400
+    max_client_priority: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
@@ -454,6 +455,9 @@ class GatewayConfig:
                 env, "PROXYMQ_STREAM_BUFFER_BYTES", positive_int, d.stream_buffer_bytes
             ),
             idempotency_ttl=read(env, "PROXYMQ_IDEMPOTENCY_TTL", positive_int, d.idempotency_ttl),
+            max_client_priority=read(
+                env, "PROXYMQ_MAX_CLIENT_PRIORITY", _max_priority, d.max_client_priority
+            ),
         )
 
 
