@@ -516,6 +516,7 @@ class WorkerConfig:
     max_response_bytes: int = 10 * 1024 * 1024
     broker_tls: BrokerTLS | None = None
     stream_idle_timeout: float = 30.0
+    cancel_users: frozenset[str] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], queues: list[str] | None = None) -> WorkerConfig:
@@ -544,6 +545,7 @@ class WorkerConfig:
             stream_idle_timeout=read(
                 env, "PROXYMQ_STREAM_IDLE_TIMEOUT", positive_number, d.stream_idle_timeout
             ),
+            cancel_users=read(env, "PROXYMQ_CANCEL_USERS", _user_list, d.cancel_users),
         )
 
 

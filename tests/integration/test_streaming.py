@@ -3,15 +3,28 @@ gateway, and clients that read slowly, stop reading or hang up (issue: streaming
 
 from __future__ import annotations
 
+import contextlib
 import select
 import signal
 import socket
+import threading
 import time
 import uuid
 
+import amqp
+import kombu
 import pytest
 import requests
-from stack import RawServer, consumers, poll_until_done, unique_service, wait_for
+from stack import (
+    BROKER_URL,
+    RawServer,
+    consumers,
+    poll_until_done,
+    unique_service,
+    wait_for,
+)
+
+from proxymq.envelope import CHUNK, END, HEAD, ReplyEnvelope, StreamPart, encode_reply
 
 
 class StreamingDownstream(RawServer):
@@ -218,3 +231,132 @@ def test_a_job_stores_the_whole_streamed_answer(stack):
     answer = poll_until_done(gateway, accepted.headers["Location"], 10)
     assert answer.status_code == 200 and events_in(answer.content) == 3
     assert uuid.UUID(accepted.headers["X-Correlation-ID"])
+
+
+# -- the parts' order, and who may cancel ---------------------------------------------------
+
+
+class FakeWorker:
+    """Plays a worker on ``service``'s queue, through the broker as guest (the user the
+    gateway is told to accept replies from): takes a request, then publishes the parts it
+    is told to, straight to the gateway's reply queue."""
+
+    def __init__(self, service: str) -> None:
+        self.queue = f"{service}_requests"
+        self.connection = kombu.Connection(BROKER_URL)
+        self.channel = self.connection.channel()
+        self.channel.queue_declare(self.queue, auto_delete=False)
+        self.cancels = f"proxymq.cancel.{uuid.uuid4().hex}"  # the cancels the gateway sends
+        self.channel.queue_declare(self.cancels, exclusive=True)
+        self.stream_id = uuid.uuid4().hex
+        self.reply_to = self.correlation_id = None
+
+    def take(self) -> None:
+        got = []
+        wait_for(lambda: got.append(self.channel.basic_get(self.queue, no_ack=True)) or got[-1],
+                 10, "the request")  # fmt: skip
+        self.reply_to = got[-1].properties["reply_to"]
+        self.correlation_id = got[-1].properties["correlation_id"]
+
+    def part(self, kind: str, seq: int, body: bytes = b"") -> None:
+        headers = StreamPart(kind, self.stream_id, seq, self.cancels if kind == HEAD else "")
+        if kind == HEAD:
+            body = encode_reply(ReplyEnvelope(200, [("Content-Type", "text/event-stream")]))
+        message = amqp.Message(
+            body,
+            correlation_id=self.correlation_id,
+            user_id="guest",
+            application_headers=headers.headers(),
+        )
+        self.channel.basic_publish(message, routing_key=self.reply_to)
+
+    def cancel_received(self):
+        return self.channel.basic_get(self.cancels, no_ack=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.channel.queue_delete(self.queue)
+        self.connection.close()
+
+
+@pytest.fixture
+def fake():
+    worker = FakeWorker(unique_service("fake"))
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def checked_gateway(stack):
+    return stack.gateway(PROXYMQ_REPLY_USERS="guest", PROXYMQ_STREAM_IDLE_TIMEOUT="10")
+
+
+def stream_through(gateway, fake: FakeWorker, parts: list[tuple[str, int, bytes]]):
+    """A client reading ``fake``'s stream while it publishes ``parts`` after the head;
+    what the client got, and how long after the last part its answer ended."""
+    service = fake.queue.removesuffix("_requests")
+    got: dict = {}
+    client = threading.Thread(
+        target=lambda: got.update(data=read_raw(gateway.url, f"/{service}/x")[1])
+    )
+    client.start()
+    fake.take()
+    fake.part(HEAD, 0)
+    for kind, seq, body in parts:
+        fake.part(kind, seq, body)
+    published = time.monotonic()
+    client.join(20)
+    return got["data"], time.monotonic() - published
+
+
+def event(number: int) -> bytes:
+    return f"data: event {number}\n\n".encode()
+
+
+@pytest.mark.parametrize(
+    "order",
+    [[1, 3, 2, 4], [2, 1, 3, 4], [1, 2, 4]],
+    ids=["overtaken", "first-overtaken", "lost"],
+)
+def test_a_part_lost_or_out_of_order_cuts_the_stream_off_never_spliced(
+    checked_gateway, fake, order
+):
+    parts = [(CHUNK if seq < 4 else END, seq, event(seq) if seq < 4 else b"") for seq in order]
+    data, after = stream_through(checked_gateway, fake, parts)
+    assert data.startswith(b"HTTP/1.1 200")
+    assert not data.endswith(b"0\r\n\r\n")  # cut off, no clean end
+    body = data.split(b"\r\n\r\n", 1)[1]
+    good = order[: next(i for i, seq in enumerate(order) if seq != i + 1)]
+    numbers = [int(line.split()[-1]) for line in body.split(b"\n") if b"data: event" in line]
+    assert numbers == good  # what came in order, then nothing
+    assert after < 3  # at once, not at the idle timeout
+    # The worker is told to stop: as the gateway's broker user, naming the stream.
+    wait_for(lambda: fake.cancel_received() is not None or None, 5, "the cancel")
+
+
+def test_parts_in_order_end_cleanly(checked_gateway, fake):
+    parts = [(CHUNK, 1, event(1)), (CHUNK, 2, event(2)), (END, 3, b"")]
+    data, _ = stream_through(checked_gateway, fake, parts)
+    assert data.endswith(b"0\r\n\r\n") and events_in(data) == 2
+    assert fake.cancel_received() is None
+
+
+def test_the_gateways_cancel_names_its_user_and_the_stream(checked_gateway, fake):
+    stream_through(checked_gateway, fake, [(CHUNK, 2, event(2))])
+    cancels = []
+    wait_for(lambda: cancels.append(fake.cancel_received()) or cancels[-1], 5, "the cancel")
+    cancel = cancels[-1]
+    assert cancel.properties["user_id"] == "guest"
+    assert cancel.properties["correlation_id"] == fake.correlation_id
+    assert cancel.properties["application_headers"] == {"x-proxymq-stream-id": fake.stream_id}
+
+
+def test_a_part_of_an_unknown_kind_ends_the_stream_as_other_never_a_new_label(
+    checked_gateway, fake
+):
+    kind = f"x-{uuid.uuid4().hex}"
+    data, _ = stream_through(checked_gateway, fake, [(CHUNK, 1, event(1)), (kind, 2, b"")])
+    assert events_in(data) == 1 and not data.endswith(b"0\r\n\r\n")
+    metrics = requests.get(checked_gateway.url + "/metrics").text
+    assert kind not in metrics
+    assert 'proxymq_gateway_streams_cancelled_total{reason="other"}' in metrics
