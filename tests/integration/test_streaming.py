@@ -7,6 +7,7 @@ import contextlib
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -360,3 +361,47 @@ def test_a_part_of_an_unknown_kind_ends_the_stream_as_other_never_a_new_label(
     metrics = requests.get(checked_gateway.url + "/metrics").text
     assert kind not in metrics
     assert 'proxymq_gateway_streams_cancelled_total{reason="other"}' in metrics
+
+
+def broker_connections_of(pid: int) -> list[str]:
+    """RabbitMQ's ids of the AMQP connections process ``pid`` holds."""
+    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=True)
+    ports = {
+        line.split()[3].rsplit(":", 1)[1]
+        for line in sockets.stdout.splitlines()
+        if f"pid={pid}," in line and line.split()[4].endswith(":5672")
+    }
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [
+        line.split()[0] for line in listed.stdout.splitlines() if line.split()[-1:][0] in ports
+    ]
+
+
+def test_a_stream_its_worker_stops_ends_the_clients_answer_at_once(stack):
+    endless = StreamingDownstream(events=0, gap=0.1)
+    service = unique_service("stopped")
+    worker = stack.worker(service, endless.url)
+    gateway = stack.gateway(PROXYMQ_STREAM_IDLE_TIMEOUT="15")
+    sock, data, _ = read_raw(gateway.url, f"/{service}/x", until=b"data: event 2")
+    try:
+        # The broker drops the worker's connections (a node restart, a network blip): the
+        # worker cancels what it relays, as it cannot publish the rest on that connection.
+        names = broker_connections_of(worker.pid)
+        assert names
+        cut = time.monotonic()
+        for name in names:
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", name, "test"], check=True)
+        sock.settimeout(30)
+        while chunk := sock.recv(65536):
+            data += chunk
+            assert time.monotonic() - cut < 30, "the stream goes on"
+        ended = time.monotonic() - cut
+    finally:
+        sock.close()
+    assert not data.endswith(b"0\r\n\r\n")  # cut off, not ended
+    assert ended < 5, ended  # at the worker's abort, not at the 15 s idle timeout
