@@ -19,13 +19,24 @@ import requests
 from stack import (
     BROKER_URL,
     RawServer,
+    broker_user,
     consumers,
     poll_until_done,
     unique_service,
     wait_for,
 )
 
-from proxymq.envelope import CHUNK, END, HEAD, ReplyEnvelope, StreamPart, encode_reply
+from proxymq.envelope import (
+    ABORT,
+    CHUNK,
+    END,
+    HEAD,
+    ReplyEnvelope,
+    RequestEnvelope,
+    StreamPart,
+    encode_reply,
+    task_message,
+)
 
 
 class StreamingDownstream(RawServer):
@@ -377,9 +388,7 @@ def broker_connections_of(pid: int) -> list[str]:
         text=True,
         check=True,
     )
-    return [
-        line.split()[0] for line in listed.stdout.splitlines() if line.split()[-1:][0] in ports
-    ]
+    return [line.split()[0] for line in listed.stdout.splitlines() if line.split()[-1:][0] in ports]
 
 
 def test_a_stream_its_worker_stops_ends_the_clients_answer_at_once(stack):
@@ -405,3 +414,101 @@ def test_a_stream_its_worker_stops_ends_the_clients_answer_at_once(stack):
         sock.close()
     assert not data.endswith(b"0\r\n\r\n")  # cut off, not ended
     assert ended < 5, ended  # at the worker's abort, not at the 15 s idle timeout
+
+
+@pytest.fixture
+def intruder():
+    """Another broker user, and a channel of its own."""
+    with broker_user() as (name, url), kombu.Connection(url) as connection:
+        yield name, connection.channel()
+
+
+class FakeGateway:
+    """Plays a gateway as guest: publishes a request to a real worker's queue with its
+    own reply queue, and reads the streamed parts as they come."""
+
+    def __init__(self, service: str) -> None:
+        self.connection = kombu.Connection(BROKER_URL)
+        self.channel = self.connection.channel()
+        self.reply_to = self.channel.queue_declare("", exclusive=True).queue
+        self.correlation_id = str(uuid.uuid4())
+        deadline = int((time.time() + 60) * 1000)
+        request = RequestEnvelope(service, "GET", "/x", None, [], b"", deadline)
+        body, headers, properties = task_message(request, self.correlation_id, self.reply_to)
+        message = amqp.Message(body, application_headers=headers, **properties)
+        self.channel.basic_publish(message, routing_key=f"{service}_requests")
+        self.head = self.next_part()
+        assert (self.head.kind, self.head.seq) == (HEAD, 0)
+
+    def next_part(self, timeout: float = 10) -> StreamPart:
+        got = []
+        wait_for(lambda: got.append(self.channel.basic_get(self.reply_to, no_ack=True)) or got[-1],
+                 timeout, "a part")  # fmt: skip
+        return StreamPart.of(got[-1].properties["application_headers"])
+
+    def cancel(self, channel, stream_id: str | None, user_id: str | None) -> None:
+        """Publish a cancel for this stream to its worker's cancel queue on ``channel``."""
+        headers = {"x-proxymq-stream-id": stream_id} if stream_id else {}
+        extra = {"user_id": user_id} if user_id else {}
+        message = amqp.Message(
+            b"", correlation_id=self.correlation_id, application_headers=headers, **extra
+        )
+        channel.basic_publish(message, routing_key=self.head.cancel_to)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def parts_go_on(fake: FakeGateway, count: int) -> list[StreamPart]:
+    return [fake.next_part(timeout=3) for _ in range(count)]
+
+
+def test_a_cancel_from_another_broker_user_does_not_stop_a_stream(stack, intruder):
+    """What such a user can learn (the worker's cancel queue, from the queue list; the
+    correlation id, from a request queue) is not enough: a cancel must name the stream,
+    which only the gateway's reply queue ever sees."""
+    name, channel = intruder
+    endless = StreamingDownstream(events=0, gap=0.05)
+    service = unique_service("forged")
+    stack.worker(service, endless.url)
+    fake = FakeGateway(service)
+    try:
+        parts_go_on(fake, 2)
+        fake.cancel(channel, None, None)
+        fake.cancel(channel, None, name)
+        fake.cancel(channel, uuid.uuid4().hex, name)  # a guess
+        later = parts_go_on(fake, 10)  # half a second: long after the cancels arrived
+        assert [p.kind for p in later] == [CHUNK] * 10
+        (call,) = endless.calls
+        assert call["closed"] is None
+    finally:
+        fake.close()
+
+
+def test_with_cancel_users_only_they_can_cancel_and_a_cancel_ends_with_an_abort(stack, intruder):
+    name, channel = intruder
+    endless = StreamingDownstream(events=0, gap=0.05)
+    service = unique_service("cancel")
+    stack.worker(service, endless.url, PROXYMQ_CANCEL_USERS="guest")
+    fake = FakeGateway(service)
+    try:
+        parts = parts_go_on(fake, 2)
+        # Even knowing the stream id, another user's cancel is dropped (and logged).
+        fake.cancel(channel, fake.head.stream_id, name)
+        parts += parts_go_on(fake, 10)
+        assert [p.kind for p in parts] == [CHUNK] * 12
+        (call,) = endless.calls
+        assert call["closed"] is None
+        # The gateway's own: the downstream call stops, and the stream ends with an abort
+        # numbered after the last chunk, so its client is not left waiting.
+        fake.cancel(fake.channel, fake.head.stream_id, "guest")
+        cancelled = time.monotonic()
+        while parts[-1].kind == CHUNK:
+            parts.append(fake.next_part(timeout=3))
+        assert parts[-1].kind == ABORT
+        assert [p.seq for p in parts] == list(range(1, len(parts) + 1))
+        assert {p.stream_id for p in parts} == {fake.head.stream_id}
+        wait_for(lambda: call["closed"] is not None, 5, "the downstream connection to close")
+        assert call["closed"] - cancelled < 1.0
+    finally:
+        fake.close()
