@@ -148,6 +148,47 @@ def test_a_plain_chunked_answer_without_length_streams_too(stack):
     assert events_in(first + rest) == 5
 
 
+class SizedEventStream(RawServer):
+    """An event stream that declares its length: ``events`` events ``gap`` seconds apart,
+    framed by the Content-Length alone, or chunked as well (framing that disagrees)."""
+
+    def __init__(self, events: int, gap: float, chunked: bool) -> None:
+        self.events, self.gap, self.chunked = events, gap, chunked
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        events = [f"data: event {number}\n\n".encode() for number in range(self.events)]
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        head += f"Content-Length: {sum(map(len, events))}\r\n"
+        head += "Transfer-Encoding: chunked\r\n" if self.chunked else ""
+        conn.sendall(head.encode() + b"\r\n")
+        with contextlib.suppress(OSError):
+            for event in events:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event) if self.chunked else event)
+                time.sleep(self.gap)
+            conn.sendall(b"0\r\n\r\n" if self.chunked else b"")
+            conn.recv(1)  # keep-alive: wait for the worker to close
+        conn.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "length-and-chunked"])
+def test_an_event_stream_streams_whatever_its_framing(stack, chunked):
+    """An event stream is one whatever its framing: its events reach the client as they
+    come, with a Content-Length or without."""
+    sized = SizedEventStream(events=5, gap=0.3, chunked=chunked)
+    service = unique_service("sized")
+    stack.worker(service, sized.url)
+    gateway = stack.gateway()
+    sock, data, times = read_raw(gateway.url, f"/{service}/events")
+    sock.close()
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
+    assert events_in(body) == 5 and body.endswith(b"0\r\n\r\n")
+    first = next(seconds for seconds, events in times if events >= 1)
+    assert first < 0.9 and times[-1][0] > 1.2  # the first long before the last was sent
+
+
 def test_a_client_that_hangs_up_cancels_the_downstream_call_within_a_second(stack):
     endless = StreamingDownstream(events=0, gap=0.1)
     service = unique_service("hangup")
