@@ -127,3 +127,12 @@ def test_a_claim_is_per_submitter_and_masks_the_job_id():
     masked = alice.mask("job-id-secret")
     assert "job-id-secret" not in masked and alice.unmask(masked) == "job-id-secret"
     assert bob.unmask(masked) != "job-id-secret"
+
+
+def test_cancel_users_are_read_and_a_blank_list_is_one_line():
+    assert WorkerConfig.from_env(WORKER_ENV).cancel_users is None
+    env = {**WORKER_ENV, "PROXYMQ_CANCEL_USERS": "gateway, gw2"}
+    assert WorkerConfig.from_env(env).cancel_users == {"gateway", "gw2"}
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({**WORKER_ENV, "PROXYMQ_CANCEL_USERS": " , "})
+    assert str(caught.value).startswith("PROXYMQ_CANCEL_USERS: ")
