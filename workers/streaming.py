@@ -11,7 +11,8 @@ The relay ends at the answer's end, at ``PROXYMQ_STREAM_IDLE_TIMEOUT`` seconds w
 a chunk, past ``PROXYMQ_MAX_RESPONSE_BYTES`` in all, or when it is cancelled: the
 gateway asks (its client left, or stopped reading) through this worker's cancel queue,
 and ``Streams.cancel`` shuts the downstream socket under the blocked read, so the
-downstream sees its connection close at once.
+downstream sees its connection close at once. Every end but the clean one publishes an
+``abort``, so the gateway cuts its client off at once whoever stopped the relay.
 """
 
 from __future__ import annotations
