@@ -29,7 +29,7 @@ from gateway.replies import ReplyRouter
 from gateway.streams import ABORTED, ENDED, Stream
 from proxymq.config import broker_urls
 from proxymq.confirms import ACK, LOST, ConfirmTracker, Ticket
-from proxymq.envelope import CANCEL_TO_HEADER, HEAD, STREAM_HEADER, STREAM_ID_HEADER
+from proxymq.envelope import HEAD, StreamPart, cancel_headers, is_cancel_queue
 
 log = logging.getLogger(__name__)
 
@@ -264,34 +264,43 @@ class BrokerLink:
             log.warning("dropped a reply from broker user %r: not in PROXYMQ_REPLY_USERS", user)
             return
         correlation_id = properties.get("correlation_id")
-        headers = properties.get("application_headers")
-        kind = headers.get(STREAM_HEADER) if headers else None
-        if kind is None:
+        part = StreamPart.of(properties.get("application_headers"))
+        if part is None:
             self.replies.deliver(correlation_id, message.body)
-            return
-        stream_id = str(headers.get(STREAM_ID_HEADER))
-        if kind != HEAD:
-            self.replies.feed(correlation_id, kind, stream_id, message.body)
-            return
-        cancel_to = str(headers.get(CANCEL_TO_HEADER) or "")
-        if not self.replies.start_stream(correlation_id, message.body, stream_id, cancel_to):
-            self.cancel(cancel_to, correlation_id)  # nobody reads it: stop the worker
+        elif part.kind != HEAD:
+            self.replies.feed(correlation_id, part, message.body)
+        elif not self.replies.start_stream(
+            correlation_id, message.body, part.stream_id, part.cancel_to
+        ):
+            # nobody reads it: stop the worker
+            self.cancel(part.cancel_to, correlation_id, part.stream_id)
 
     def end_stream(self, correlation_id: str, stream: Stream) -> None:
         """A stream's answer is over; unless it ended (or the worker stopped it), ask
         the worker to stop calling the downstream."""
         self.replies.end_stream(correlation_id)
         if stream.state not in (ENDED, ABORTED):
-            self.cancel(stream.cancel_to, correlation_id)
+            self.cancel(stream.cancel_to, correlation_id, stream.id)
 
-    def cancel(self, queue: str, correlation_id: str | None) -> None:
+    def cancel(self, queue: str, correlation_id: str | None, stream_id: str) -> None:
         """Send a stream's cancel to the worker's cancel queue; best effort (a worker
-        that is gone has nothing left to stop), so not waited for."""
+        that is gone has nothing left to stop), so not waited for.
+
+        Only to a cancel queue's name, whatever the head said, and as this connection's
+        broker user (``user_id``, which RabbitMQ checks), so a worker can tell a
+        gateway's cancel from anyone else's (``PROXYMQ_CANCEL_USERS``)."""
         confirms = self._confirms
-        if confirms is None or not queue or not self._write_lock.acquire(timeout=1):
+        if confirms is None or not is_cancel_queue(queue):
+            return
+        if not self._write_lock.acquire(timeout=1):
             return
         try:
-            message = amqp.Message(b"", correlation_id=correlation_id)
+            message = amqp.Message(
+                b"",
+                correlation_id=correlation_id,
+                user_id=self._connection.userid,
+                application_headers=cancel_headers(stream_id),
+            )
             confirms.publish(queue, message, _ignore)
         except Exception as exc:  # half a frame may be out: the connection is done
             log.warning("could not send a stream's cancel: %r", exc)

@@ -21,15 +21,21 @@ _WAIT = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 _KEY = re.compile(r'"?([\x20-\x7e]{1,255}?)"?')
 
 
-def priority(headers: Headers) -> int | None:
-    """``X-ProxyMQ-Priority: 0..255`` as the message priority; 400 for anything else."""
-    value = header(headers, PRIORITY_HEADER)
+def priority(headers: Headers, allowed: int | None) -> int | None:
+    """``X-ProxyMQ-Priority: 0..255`` as the message priority, at most ``allowed``
+    (``PROXYMQ_MAX_CLIENT_PRIORITY``); 400 for anything else.
+
+    The gateway does not know who its clients are, so by default (``allowed`` None) the
+    header is not even read: any client could otherwise put its requests before
+    everyone's. Whoever sets the setting decides who may send the header (docs/security.md).
+    """
+    value = header(headers, PRIORITY_HEADER) if allowed is not None else None
     if value is None:
         return None
     value = value.strip()
     if not _DIGITS.fullmatch(value) or int(value) > MAX_PRIORITY:
         raise errors.bad_request(f"{PRIORITY_HEADER} must be an integer from 0 to {MAX_PRIORITY}")
-    return int(value)
+    return min(int(value), allowed)
 
 
 def idempotency_key(headers: Headers) -> str | None:

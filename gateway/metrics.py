@@ -71,7 +71,8 @@ stream_first_byte = Histogram(
 )
 streams_cancelled_total = Counter(
     "proxymq_gateway_streams_cancelled_total",
-    "Streams cut off before their end, by why (aborted, idle, client-gone, overflow)",
+    "Streams cut off before their end, by why (aborted, idle, client-gone, overflow, "
+    "out-of-order, other)",
     ["reason"],
 )
 jobs_total = Counter(

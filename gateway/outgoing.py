@@ -35,7 +35,7 @@ def envelope_of(
         deadline=int((time.time() + wait) * 1000),
         job=job,
         callback=callback,
-        priority=controls.priority(request.headers),
+        priority=controls.priority(request.headers, config.max_client_priority),
     )
 
 

@@ -79,7 +79,7 @@ def handle(
         incoming.check_header_size(headers, config)
         request = incoming.ClientRequest(environ, service, method, path, query, headers)
         key = controls.idempotency_key(headers)
-        priority = controls.priority(headers)
+        priority = controls.priority(headers, config.max_client_priority)
         if incoming.wants_async(headers):
             answer = jobs.submit(gateway, request, correlation_id, key)
         else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gevent.event import AsyncResult
 
 from gateway.streams import Stream
-from proxymq.envelope import ABORT
+from proxymq.envelope import ABORT, StreamPart
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +64,10 @@ class ReplyRouter:
         waiter.set(StreamStart(head, stream))
         return True
 
-    def feed(self, correlation_id: str | None, kind: str, stream_id: str, body: bytes) -> None:
+    def feed(self, correlation_id: str | None, part: StreamPart, body: bytes) -> None:
         stream = self._streams.get(correlation_id) if correlation_id else None
         if stream is not None:
-            stream.feed(kind, stream_id, body)
+            stream.feed(part.kind, part.stream_id, part.seq, body)
 
     def end_stream(self, correlation_id: str) -> None:
         self._streams.pop(correlation_id, None)
@@ -79,4 +79,4 @@ class ReplyRouter:
         for waiter in waiting.values():
             waiter.set_exception(error)
         for stream in list(self._streams.values()):
-            stream.feed(ABORT, stream.id, b"")
+            stream.feed(ABORT, stream.id, None, b"")

@@ -7,10 +7,12 @@ attempt) are ignored, so a client never gets two copies spliced together.
 
 A stream ends cleanly at its ``end`` part. Anything else ends the client's response
 abruptly, without the last chunk, so the client can tell it is incomplete: an ``abort``
-(the downstream failed midway), ``PROXYMQ_STREAM_IDLE_TIMEOUT`` without a part (a worker
-that died, a stalled downstream), the client going away, or a client too slow to keep
-``PROXYMQ_STREAM_BUFFER_BYTES`` from filling. In every case but the clean end, the
-worker is asked to cancel (its cancel queue), and closes the downstream connection.
+(the downstream failed midway, or the worker stopped), a part out of order (one was lost
+or overtaken: the body would have a hole), ``PROXYMQ_STREAM_IDLE_TIMEOUT`` without a part
+(a worker that died, a stalled downstream), the client going away, or a client too slow
+to keep ``PROXYMQ_STREAM_BUFFER_BYTES`` from filling. In every case but the clean end
+and the abort, the worker is asked to cancel (its cancel queue), and closes the
+downstream connection.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from gateway.answers import status_line
 from proxymq.envelope import ABORT, CHUNK, END, ReplyEnvelope
 
 OPEN, ENDED = "open", "ended"
-# Why a stream was cut off (the label of proxymq_gateway_streams_cancelled_total).
+# Why a stream was cut off (the label of proxymq_gateway_streams_cancelled_total). Only
+# these: a part of a kind nobody knows is OTHER, so a message cannot mint label values.
 ABORTED, IDLE, CLIENT_GONE, OVERFLOW = "aborted", "idle", "client-gone", "overflow"
+OUT_OF_ORDER, OTHER = "out-of-order", "other"
 
 
 class Stream:
@@ -45,14 +49,22 @@ class Stream:
         self._parts: deque[bytes] = deque()
         self._buffered = 0
         self._wake = Event()
+        self._next = 1  # the number the next part must carry: the head was 0
         # Set by the answer: cuts the client connection, so a writer blocked on a client
         # that does not read gives up at once too.
         self.interrupt: Callable[[], None] | None = None
 
-    def feed(self, kind: str, stream_id: str | None, body: bytes) -> None:
-        """From the reply reader: one part, in order."""
+    def feed(self, kind: str, stream_id: str | None, seq: int | None, body: bytes) -> None:
+        """From the reply reader: one part, as it came. An abort ends the stream in any
+        order; any other part must carry the next number, or the stream ends there."""
         if stream_id != self.id or self.state != OPEN:
             return
+        if kind != ABORT and seq is not None:
+            if seq != self._next:
+                self.state = OUT_OF_ORDER
+                self._wake.set()
+                return
+            self._next += 1
         if kind == CHUNK:
             self._buffered += len(body)
             if self._buffered > self._limit:
@@ -62,7 +74,7 @@ class Stream:
         elif kind == END:
             self.state = ENDED
         else:  # abort: what came before it still goes out, then the cut
-            self.state = ABORTED if kind == ABORT else kind
+            self.state = ABORTED if kind == ABORT else OTHER
         self._wake.set()
 
     def _stop(self, reason: str) -> None:

@@ -487,6 +487,7 @@ class GatewayConfig:
     stream_idle_timeout: float = 30.0
     stream_buffer_bytes: int = 1024 * 1024
     idempotency_ttl: int = 86400
+    max_client_priority: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewayConfig:
@@ -514,6 +515,9 @@ class GatewayConfig:
                 env, "PROXYMQ_STREAM_BUFFER_BYTES", positive_int, d.stream_buffer_bytes
             ),
             idempotency_ttl=read(env, "PROXYMQ_IDEMPOTENCY_TTL", positive_int, d.idempotency_ttl),
+            max_client_priority=read(
+                env, "PROXYMQ_MAX_CLIENT_PRIORITY", _max_priority, d.max_client_priority
+            ),
         )
 
 
@@ -572,6 +576,7 @@ class WorkerConfig:
     max_response_bytes: int = 10 * 1024 * 1024
     broker_tls: BrokerTLS | None = None
     stream_idle_timeout: float = 30.0
+    cancel_users: frozenset[str] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], queues: list[str] | None = None) -> WorkerConfig:
@@ -600,6 +605,7 @@ class WorkerConfig:
             stream_idle_timeout=read(
                 env, "PROXYMQ_STREAM_IDLE_TIMEOUT", positive_number, d.stream_idle_timeout
             ),
+            cancel_users=read(env, "PROXYMQ_CANCEL_USERS", _user_list, d.cancel_users),
         )
 
 

@@ -20,13 +20,23 @@ messages to that queue, told apart by the ``x-proxymq-stream`` header: a ``head`
 reply map with an empty body: status and headers), then ``chunk``s (raw body bytes),
 then ``end``, or ``abort`` when the downstream failed midway. Every part carries the
 stream's id, new for each attempt, so a redelivered request's parts can never be
-spliced into a stream already under way; the head names the worker's cancel queue.
+spliced into a stream already under way, and its number in the stream (the head 0, then
+1, 2, ...), so a part lost or overtaken on the way (a worker's publishes move to a
+fresh channel after a nack, and order holds only within a channel) is noticed and the
+stream cut off instead of delivered with a hole. The head names the worker's cancel
+queue (``proxymq.cancel.<hex>``).
+
+A cancel is an empty message to that queue with the stream's correlation id and, as a
+header, its stream id: the stream id travels only to the gateway's exclusive reply
+queue, so whoever else can publish to the cancel queue still cannot name a stream.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -42,11 +52,14 @@ SENT_HEADER = "proxymq_sent"
 CONTENT_TYPE = "application/x-msgpack"
 CONTENT_ENCODING = "binary"
 
-# Streamed replies (see above): the part's kind, its stream, where to cancel it.
+# Streamed replies (see above): the part's kind, its stream, its number, where to cancel.
 STREAM_HEADER = "x-proxymq-stream"
 STREAM_ID_HEADER = "x-proxymq-stream-id"
+STREAM_SEQ_HEADER = "x-proxymq-stream-seq"
 CANCEL_TO_HEADER = "x-proxymq-cancel-to"
 HEAD, CHUNK, END, ABORT = "head", "chunk", "end", "abort"
+CANCEL_QUEUE_PREFIX = "proxymq.cancel."
+_CANCEL_QUEUE = re.compile(re.escape(CANCEL_QUEUE_PREFIX) + "[0-9a-f]{32}")
 
 # Celery protocol 2: the third element of the body ("embed") names workflow links.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -253,3 +266,62 @@ def decode_reply(data: bytes) -> ReplyEnvelope:
         )
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
         raise ValueError(f"malformed reply envelope: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPart:
+    """What the headers of one part of a streamed reply say.
+
+    ``seq`` is None for a part from a worker that did not number its parts (older than
+    the numbers); such a stream is taken as before, unchecked.
+    """
+
+    kind: str
+    stream_id: str
+    seq: int | None = None
+    cancel_to: str = ""
+
+    def headers(self) -> dict:
+        headers = {STREAM_HEADER: self.kind, STREAM_ID_HEADER: self.stream_id}
+        if self.seq is not None:
+            headers[STREAM_SEQ_HEADER] = self.seq
+        if self.cancel_to:
+            headers[CANCEL_TO_HEADER] = self.cancel_to
+        return headers
+
+    @classmethod
+    def of(cls, headers: dict | None) -> StreamPart | None:
+        """The part a reply's headers describe; None for a whole (unstreamed) reply."""
+        kind = headers.get(STREAM_HEADER) if headers else None
+        if kind is None:
+            return None
+        seq = headers.get(STREAM_SEQ_HEADER)
+        return cls(
+            kind=str(kind),
+            stream_id=str(headers.get(STREAM_ID_HEADER)),
+            # Not a number: a part out of any order, which the stream refuses.
+            seq=seq if seq is None or type(seq) is int else -1,
+            cancel_to=str(headers.get(CANCEL_TO_HEADER) or ""),
+        )
+
+
+def new_cancel_queue() -> str:
+    """A name for a worker connection's cancel queue."""
+    return CANCEL_QUEUE_PREFIX + uuid.uuid4().hex
+
+
+def is_cancel_queue(name: str) -> bool:
+    """Whether ``name`` can be a worker's cancel queue: the only queue a gateway sends a
+    cancel to, whatever a head names (a forged head must not make it publish elsewhere)."""
+    return _CANCEL_QUEUE.fullmatch(name) is not None
+
+
+def cancel_headers(stream_id: str) -> dict:
+    """The headers of a cancel: the stream it is for (see above)."""
+    return {STREAM_ID_HEADER: stream_id}
+
+
+def cancelled_stream(headers: dict | None) -> str | None:
+    """The stream id a cancel names; None when it names none."""
+    stream_id = headers.get(STREAM_ID_HEADER) if headers else None
+    return stream_id if isinstance(stream_id, str) and stream_id else None

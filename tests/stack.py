@@ -271,6 +271,25 @@ class TaskEventsTap:
         return got
 
 
+@contextlib.contextmanager
+def broker_user() -> Iterator[tuple[str, str]]:
+    """A second broker user, with every permission on the vhost: someone who can read the
+    request queues and publish anywhere (a monitoring tool, a compromised service). Yields
+    its name and URL; deleted afterwards."""
+    name, password = f"intruder-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_user", name, password], check=True, capture_output=True)
+    try:
+        subprocess.run(
+            [*ctl, "set_permissions", "-p", "/", name, ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        yield name, BROKER_URL.replace("guest:guest", f"{name}:{password}")
+    finally:
+        subprocess.run([*ctl, "delete_user", name], capture_output=True)
+
+
 def queue_exists(queue: str) -> bool:
     return consumers(queue) >= 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -34,15 +35,7 @@ from kombu.message import Message
 from proxymq import tracing
 from proxymq.config import QUEUE_SUFFIX, ServiceConfig
 from proxymq.confirms import ACK, LOST, NACK, RETURNED
-from proxymq.envelope import (
-    CANCEL_TO_HEADER,
-    HEAD,
-    STREAM_HEADER,
-    STREAM_ID_HEADER,
-    ReplyEnvelope,
-    encode_reply,
-    recounted,
-)
+from proxymq.envelope import HEAD, ReplyEnvelope, StreamPart, encode_reply, recounted
 from workers import answering, batch_call, forwarding, metrics, poison
 from workers.admission import Verdict, admit
 from workers.batching import Batcher
@@ -110,7 +103,9 @@ class Pipeline:
         """Start publishing on ``connection`` (after every connect; before consuming)."""
         self._publisher = Publisher(connection)
         self._publisher.declare_dead_queues(self.services)
-        self._cancel_queue = self._publisher.listen_for_cancels(self._streams.cancel)
+        self._cancel_queue = self._publisher.listen_for_cancels(
+            self._streams.cancel, self._runtime.config.cancel_users
+        )
         for batcher in self._batchers.values():
             batcher.attach(connection.connection.sock)
         self._taking = True
@@ -282,19 +277,19 @@ class Pipeline:
         correlation_id, stream_id = delivery.correlation_id, uuid.uuid4().hex
         streamed.add(correlation_id)
         in_order = self._publish_in_order
-        self._streams.add(correlation_id, result)
+        self._streams.add(correlation_id, stream_id, result)
         try:
             in_order(functools.partial(self._publish_head, delivery, result, stream_id))
+            numbers = itertools.count(1)  # the head is 0
 
             def send(kind: str, body: bytes) -> None:
-                in_order(
-                    functools.partial(self._publish_part, delivery, result, stream_id, kind, body)
-                )
+                part = StreamPart(kind, stream_id, next(numbers))
+                in_order(functools.partial(self._publish_part, delivery, result, part, body))
 
             config = self._runtime.config
             ended = result.relay(send, config.stream_idle_timeout, limit)
         finally:
-            self._streams.remove(correlation_id)
+            self._streams.remove(correlation_id, stream_id)
         metrics.streams_total.labels(delivery.service.name, ended).inc()
         return result.head
 
@@ -369,11 +364,7 @@ class Pipeline:
         client is already reading, so from then on a worker's death ends the stream
         instead (the gateway cuts the response off). Before the head, the request is
         redelivered as any other."""
-        headers = {
-            STREAM_HEADER: HEAD,
-            STREAM_ID_HEADER: stream_id,
-            CANCEL_TO_HEADER: self._cancel_queue,
-        }
+        headers = StreamPart(HEAD, stream_id, 0, self._cancel_queue).headers()
 
         def settled(outcome: str) -> None:
             if outcome != ACK:  # no gateway will read the rest
@@ -387,9 +378,9 @@ class Pipeline:
         )
 
     def _publish_part(
-        self, delivery: Delivery, streaming: Streaming, stream_id: str, kind: str, body: bytes
+        self, delivery: Delivery, streaming: Streaming, part: StreamPart, body: bytes
     ) -> None:
-        headers = {STREAM_HEADER: kind, STREAM_ID_HEADER: stream_id}
+        headers = part.headers()
 
         def settled(outcome: str) -> None:
             if outcome != ACK:  # its gateway is gone (RETURNED), or our connection

@@ -10,16 +10,25 @@ the request unacknowledged, to be delivered again.
 
 from __future__ import annotations
 
-import uuid
+import logging
 from collections.abc import Callable, Mapping
 
 import amqp
 
 from proxymq.config import ServiceConfig
 from proxymq.confirms import ConfirmTracker, Settled
-from proxymq.envelope import CONTENT_ENCODING, CONTENT_TYPE, ReplyEnvelope, encode_reply
+from proxymq.envelope import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    ReplyEnvelope,
+    cancelled_stream,
+    encode_reply,
+    new_cancel_queue,
+)
 
 DEAD_SUFFIX = ".dead"
+
+log = logging.getLogger(__name__)
 
 
 def properties_of(message) -> dict:
@@ -105,20 +114,39 @@ class Publisher:
         }
         self.publish(reply_to, body, headers, properties, settled, mandatory)
 
-    def listen_for_cancels(self, cancel: Callable[[str | None], None]) -> str:
+    def listen_for_cancels(
+        self, cancel: Callable[[str, str], None], users: frozenset[str] | None
+    ) -> str:
         """Declare this connection's cancel queue and consume it; return its name.
 
-        A gateway whose client is gone sends the stream's correlation id there (the
-        queue a stream's head names); ``cancel`` runs in the consumer thread. A queue of
-        our own rather than Celery's revoke: revoke is a broadcast to every worker
-        through ``celery.pidbox``, which the gateway's broker user may not write, and
-        it only marks a task id, while a stream's call must be interrupted.
+        A gateway whose client is gone sends the stream's correlation id and stream id
+        there (the queue a stream's head names); ``cancel(correlation_id, stream_id)``
+        runs in the consumer thread. A queue of our own rather than Celery's revoke:
+        revoke is a broadcast to every worker through ``celery.pidbox``, which the
+        gateway's broker user may not write, and it only marks a task id, while a
+        stream's call must be interrupted.
+
+        Taken only as published straight to this queue (the default exchange), and, with
+        ``users`` (``PROXYMQ_CANCEL_USERS``), only from those broker users: ``user_id``
+        is checked by the broker, as on replies.
         """
-        queue = f"proxymq.cancel.{uuid.uuid4().hex}"
+        queue = new_cancel_queue()
         self._channel.queue_declare(queue, exclusive=True, auto_delete=True)
-        self._channel.basic_consume(
-            queue, no_ack=True, callback=lambda m: cancel(m.properties.get("correlation_id"))
-        )
+
+        def received(message: amqp.Message) -> None:
+            properties, route = message.properties, message.delivery_info or {}
+            user = properties.get("user_id")
+            if (route.get("exchange"), route.get("routing_key")) != ("", queue):
+                return
+            if users is not None and user not in users:
+                log.warning("dropped a cancel from %r: not in PROXYMQ_CANCEL_USERS", user)
+                return
+            correlation_id = properties.get("correlation_id")
+            stream_id = cancelled_stream(properties.get("application_headers"))
+            if isinstance(correlation_id, str) and stream_id is not None:
+                cancel(correlation_id, stream_id)
+
+        self._channel.basic_consume(queue, no_ack=True, callback=received)
         return queue
 
     def close(self) -> None:

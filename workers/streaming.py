@@ -11,7 +11,8 @@ The relay ends at the answer's end, at ``PROXYMQ_STREAM_IDLE_TIMEOUT`` seconds w
 a chunk, past ``PROXYMQ_MAX_RESPONSE_BYTES`` in all, or when it is cancelled: the
 gateway asks (its client left, or stopped reading) through this worker's cancel queue,
 and ``Streams.cancel`` shuts the downstream socket under the blocked read, so the
-downstream sees its connection close at once.
+downstream sees its connection close at once. Every end but the clean one publishes an
+``abort``, so the gateway cuts its client off at once whoever stopped the relay.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from proxymq.envelope import ABORT, CHUNK, END, ReplyEnvelope
 log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
+CANCELLED = "cancelled"
 
 
 def streams(response: http.client.HTTPResponse) -> bool:
@@ -58,7 +60,11 @@ class Streaming:
 
     def relay(self, send: Callable[[str, bytes], None], idle: float, limit: int) -> str:
         """Read the body and ``send(kind, bytes)`` each part; return how it ended (END,
-        ABORT, or "cancelled", when nothing more is sent)."""
+        ABORT, or CANCELLED).
+
+        A cancelled stream ends with an abort too: the cancel need not come from the
+        client's gateway (a part the broker refused, the connection going), and its
+        client would otherwise wait out its idle timeout for a part that never comes."""
         size = 0
         try:
             self.sock.settimeout(idle)
@@ -72,22 +78,20 @@ class Streaming:
                     send(ABORT, b"")
                     return ABORT
                 send(CHUNK, chunk)
-            else:
-                return "cancelled"
-            if self.cancelled.is_set():  # the shutdown made the read return nothing
-                return "cancelled"
-            send(END, b"")
-            return END
+            if not self.cancelled.is_set():  # (the shutdown makes the read return nothing)
+                send(END, b"")
+                return END
         except (OSError, http.client.HTTPException) as exc:
-            if self.cancelled.is_set():
-                return "cancelled"
-            log.warning("stream broken: %s: %s", type(exc).__name__, exc)
-            send(ABORT, b"")
-            return ABORT
+            if not self.cancelled.is_set():
+                log.warning("stream broken: %s: %s", type(exc).__name__, exc)
+                send(ABORT, b"")
+                return ABORT
         finally:
             self.response.close()
             with contextlib.suppress(OSError):
                 self.sock.close()
+        send(ABORT, b"")
+        return CANCELLED
 
     def _read(self) -> bytes:
         """What has arrived: one read, waiting for data, then more while the socket has
@@ -104,19 +108,20 @@ class Streaming:
 
 
 class Streams:
-    """The streams a worker is relaying, by correlation id, for cancels to find."""
+    """The streams a worker is relaying, by correlation id and stream id, for cancels to
+    find: a cancel must name both (the stream id is known to the gateway only)."""
 
     def __init__(self) -> None:
-        self._relaying: dict[str, Streaming] = {}
+        self._relaying: dict[tuple[str, str], Streaming] = {}
 
-    def add(self, correlation_id: str, streaming: Streaming) -> None:
-        self._relaying[correlation_id] = streaming
+    def add(self, correlation_id: str, stream_id: str, streaming: Streaming) -> None:
+        self._relaying[correlation_id, stream_id] = streaming
 
-    def remove(self, correlation_id: str) -> None:
-        self._relaying.pop(correlation_id, None)
+    def remove(self, correlation_id: str, stream_id: str) -> None:
+        self._relaying.pop((correlation_id, stream_id), None)
 
-    def cancel(self, correlation_id: str | None) -> None:
-        streaming = self._relaying.get(correlation_id) if correlation_id else None
+    def cancel(self, correlation_id: str, stream_id: str) -> None:
+        streaming = self._relaying.get((correlation_id, stream_id))
         if streaming is not None:
             streaming.cancel()
 

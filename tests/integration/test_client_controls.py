@@ -20,7 +20,7 @@ RESULT_URL = "redis://127.0.0.1:6379/0"
 
 @pytest.fixture(scope="module")
 def gateway(stack):
-    return stack.gateway(PROXYMQ_RESULT_URL=RESULT_URL)
+    return stack.gateway(PROXYMQ_RESULT_URL=RESULT_URL, PROXYMQ_MAX_CLIENT_PRIORITY="9")
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +303,36 @@ def test_a_quorum_queue_with_priorities_is_refused_at_start(stack, downstream):
     errors = [line for line in worker.log().splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "PROXYMQ_MAX_PRIORITY" in errors[0], worker.log()
     assert "Traceback" not in worker.log()
+
+
+def queued_priorities(queue: str, count: int) -> list[int | None]:
+    """Take ``count`` messages off ``queue`` (the test's own): their AMQP priorities."""
+    import kombu
+    from stack import BROKER_URL
+
+    with kombu.Connection(BROKER_URL) as connection:
+        channel = connection.default_channel
+        messages = [channel.basic_get(queue, no_ack=True) for _ in range(count)]
+    return [message.properties.get("priority") for message in messages]
+
+
+def test_a_client_priority_is_ignored_unless_allowed_and_capped_at_the_setting(stack, downstream):
+    service = unique_service("priocap")
+    stack.worker(service, downstream.url, PROXYMQ_MAX_PRIORITY="9").stop()  # declares it
+    default = stack.gateway(PROXYMQ_RESULT_URL=RESULT_URL)
+    capped = stack.gateway(PROXYMQ_RESULT_URL=RESULT_URL, PROXYMQ_MAX_CLIENT_PRIORITY="3")
+    asked = {"Prefer": "respond-async", "X-ProxyMQ-Priority": "255"}
+    assert post(default, service, "/anonymous", b"", **asked).status_code == 202
+    wait_for(lambda: queue_depth(f"{service}_requests") == 1, 10, "the request")
+    assert queued_priorities(f"{service}_requests", 1) == [None]
+    # Ignored means not even read: a malformed value is no error either.
+    bad = {"Prefer": "respond-async", "X-ProxyMQ-Priority": "high"}
+    assert post(default, service, "/anonymous", b"", **bad).status_code == 202
+    wait_for(lambda: queue_depth(f"{service}_requests") == 1, 10, "the second request")
+    assert queued_priorities(f"{service}_requests", 1) == [None]
+    assert post(capped, service, "/allowed", b"", **asked).status_code == 202
+    wait_for(lambda: queue_depth(f"{service}_requests") == 1, 10, "the capped request")
+    assert queued_priorities(f"{service}_requests", 1) == [3]
 
 
 def queue_depth(queue: str) -> int:

@@ -6,16 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import threading
 import time
-import uuid
 
 import amqp
 import kombu
 import pytest
 import requests
-from stack import BROKER_URL, RawServer, free_port, unique_service, wait_for
+from stack import RawServer, broker_user, free_port, unique_service, wait_for
 
 from proxymq.envelope import ReplyEnvelope, encode_reply
 
@@ -254,18 +252,8 @@ def test_a_streamed_answer_over_the_response_limit_is_cut_off(stack, downstream)
 
 @pytest.fixture
 def intruder():
-    """A second broker user, with every permission on the vhost: someone who can read
-    the request queues (a monitoring tool, a compromised service)."""
-    name, password = f"intruder-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-    ctl = ["rabbitmqctl", "-q"]
-    subprocess.run([*ctl, "add_user", name, password], check=True, capture_output=True)
-    subprocess.run(
-        [*ctl, "set_permissions", "-p", "/", name, ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-    )
-    yield name, BROKER_URL.replace("guest:guest", f"{name}:{password}")
-    subprocess.run([*ctl, "delete_user", name], capture_output=True)
+    with broker_user() as user:
+        yield user
 
 
 def forge_replies(url: str, queue: str, user_id: str | None, stop: threading.Event) -> None:

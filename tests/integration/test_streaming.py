@@ -3,15 +3,40 @@ gateway, and clients that read slowly, stop reading or hang up (issue: streaming
 
 from __future__ import annotations
 
+import contextlib
 import select
 import signal
 import socket
+import subprocess
+import threading
 import time
 import uuid
 
+import amqp
+import kombu
 import pytest
 import requests
-from stack import RawServer, consumers, poll_until_done, unique_service, wait_for
+from stack import (
+    BROKER_URL,
+    RawServer,
+    broker_user,
+    consumers,
+    poll_until_done,
+    unique_service,
+    wait_for,
+)
+
+from proxymq.envelope import (
+    ABORT,
+    CHUNK,
+    END,
+    HEAD,
+    ReplyEnvelope,
+    RequestEnvelope,
+    StreamPart,
+    encode_reply,
+    task_message,
+)
 
 
 class StreamingDownstream(RawServer):
@@ -126,6 +151,47 @@ def test_a_plain_chunked_answer_without_length_streams_too(stack):
     assert events_in(first + rest) == 5
 
 
+class SizedEventStream(RawServer):
+    """An event stream that declares its length: ``events`` events ``gap`` seconds apart,
+    framed by the Content-Length alone, or chunked as well (framing that disagrees)."""
+
+    def __init__(self, events: int, gap: float, chunked: bool) -> None:
+        self.events, self.gap, self.chunked = events, gap, chunked
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        events = [f"data: event {number}\n\n".encode() for number in range(self.events)]
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        head += f"Content-Length: {sum(map(len, events))}\r\n"
+        head += "Transfer-Encoding: chunked\r\n" if self.chunked else ""
+        conn.sendall(head.encode() + b"\r\n")
+        with contextlib.suppress(OSError):
+            for event in events:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event) if self.chunked else event)
+                time.sleep(self.gap)
+            conn.sendall(b"0\r\n\r\n" if self.chunked else b"")
+            conn.recv(1)  # keep-alive: wait for the worker to close
+        conn.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "length-and-chunked"])
+def test_an_event_stream_streams_whatever_its_framing(stack, chunked):
+    """An event stream is one whatever its framing: its events reach the client as they
+    come, with a Content-Length or without."""
+    sized = SizedEventStream(events=5, gap=0.3, chunked=chunked)
+    service = unique_service("sized")
+    stack.worker(service, sized.url)
+    gateway = stack.gateway()
+    sock, data, times = read_raw(gateway.url, f"/{service}/events")
+    sock.close()
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
+    assert events_in(body) == 5 and body.endswith(b"0\r\n\r\n")
+    first = next(seconds for seconds, events in times if events >= 1)
+    assert first < 0.9 and times[-1][0] > 1.2  # the first long before the last was sent
+
+
 def test_a_client_that_hangs_up_cancels_the_downstream_call(stack):
     endless = StreamingDownstream(events=0, gap=0.1)
     service = unique_service("hangup")
@@ -221,3 +287,272 @@ def test_a_job_stores_the_whole_streamed_answer(stack):
     answer = poll_until_done(gateway, accepted.headers["Location"], 10)
     assert answer.status_code == 200 and events_in(answer.content) == 3
     assert uuid.UUID(accepted.headers["X-Correlation-ID"])
+
+
+# -- the parts' order, and who may cancel ---------------------------------------------------
+
+
+class FakeWorker:
+    """Plays a worker on ``service``'s queue, through the broker as guest (the user the
+    gateway is told to accept replies from): takes a request, then publishes the parts it
+    is told to, straight to the gateway's reply queue."""
+
+    def __init__(self, service: str) -> None:
+        self.queue = f"{service}_requests"
+        self.connection = kombu.Connection(BROKER_URL)
+        self.channel = self.connection.channel()
+        self.channel.queue_declare(self.queue, auto_delete=False)
+        self.cancels = f"proxymq.cancel.{uuid.uuid4().hex}"  # the cancels the gateway sends
+        self.channel.queue_declare(self.cancels, exclusive=True)
+        self.stream_id = uuid.uuid4().hex
+        self.reply_to = self.correlation_id = None
+
+    def take(self) -> None:
+        got = []
+        wait_for(lambda: got.append(self.channel.basic_get(self.queue, no_ack=True)) or got[-1],
+                 10, "the request")  # fmt: skip
+        self.reply_to = got[-1].properties["reply_to"]
+        self.correlation_id = got[-1].properties["correlation_id"]
+
+    def part(self, kind: str, seq: int, body: bytes = b"") -> None:
+        headers = StreamPart(kind, self.stream_id, seq, self.cancels if kind == HEAD else "")
+        if kind == HEAD:
+            body = encode_reply(ReplyEnvelope(200, [("Content-Type", "text/event-stream")]))
+        message = amqp.Message(
+            body,
+            correlation_id=self.correlation_id,
+            user_id="guest",
+            application_headers=headers.headers(),
+        )
+        self.channel.basic_publish(message, routing_key=self.reply_to)
+
+    def cancel_received(self):
+        return self.channel.basic_get(self.cancels, no_ack=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.channel.queue_delete(self.queue)
+        self.connection.close()
+
+
+@pytest.fixture
+def fake():
+    worker = FakeWorker(unique_service("fake"))
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def checked_gateway(stack):
+    return stack.gateway(PROXYMQ_REPLY_USERS="guest", PROXYMQ_STREAM_IDLE_TIMEOUT="10")
+
+
+def stream_through(gateway, fake: FakeWorker, parts: list[tuple[str, int, bytes]]):
+    """A client reading ``fake``'s stream while it publishes ``parts`` after the head;
+    what the client got, and how long after the last part its answer ended."""
+    service = fake.queue.removesuffix("_requests")
+    got: dict = {}
+    client = threading.Thread(
+        target=lambda: got.update(data=read_raw(gateway.url, f"/{service}/x")[1])
+    )
+    client.start()
+    fake.take()
+    fake.part(HEAD, 0)
+    for kind, seq, body in parts:
+        fake.part(kind, seq, body)
+    published = time.monotonic()
+    client.join(20)
+    return got["data"], time.monotonic() - published
+
+
+def event(number: int) -> bytes:
+    return f"data: event {number}\n\n".encode()
+
+
+@pytest.mark.parametrize(
+    "order",
+    [[1, 3, 2, 4], [2, 1, 3, 4], [1, 2, 4]],
+    ids=["overtaken", "first-overtaken", "lost"],
+)
+def test_a_part_lost_or_out_of_order_cuts_the_stream_off_never_spliced(
+    checked_gateway, fake, order
+):
+    parts = [(CHUNK if seq < 4 else END, seq, event(seq) if seq < 4 else b"") for seq in order]
+    data, after = stream_through(checked_gateway, fake, parts)
+    assert data.startswith(b"HTTP/1.1 200")
+    body = data.split(b"\r\n\r\n", 1)[1]
+    assert not body.endswith(b"0\r\n\r\n")  # cut off, no clean end
+    good = order[: next(i for i, seq in enumerate(order) if seq != i + 1)]
+    numbers = [int(line.split()[-1]) for line in body.split(b"\n") if b"data: event" in line]
+    assert numbers == good  # what came in order, then nothing
+    assert after < 3  # at once, not at the idle timeout
+    # The worker is told to stop: as the gateway's broker user, naming the stream.
+    wait_for(lambda: fake.cancel_received() is not None or None, 5, "the cancel")
+
+
+def test_parts_in_order_end_cleanly(checked_gateway, fake):
+    parts = [(CHUNK, 1, event(1)), (CHUNK, 2, event(2)), (END, 3, b"")]
+    data, _ = stream_through(checked_gateway, fake, parts)
+    assert data.endswith(b"0\r\n\r\n") and events_in(data) == 2
+    assert fake.cancel_received() is None
+
+
+def test_the_gateways_cancel_names_its_user_and_the_stream(checked_gateway, fake):
+    stream_through(checked_gateway, fake, [(CHUNK, 2, event(2))])
+    cancels = []
+    wait_for(lambda: cancels.append(fake.cancel_received()) or cancels[-1], 5, "the cancel")
+    cancel = cancels[-1]
+    assert cancel.properties["user_id"] == "guest"
+    assert cancel.properties["correlation_id"] == fake.correlation_id
+    assert cancel.properties["application_headers"] == {"x-proxymq-stream-id": fake.stream_id}
+
+
+def test_a_part_of_an_unknown_kind_ends_the_stream_as_other_never_a_new_label(
+    checked_gateway, fake
+):
+    kind = f"x-{uuid.uuid4().hex}"
+    data, _ = stream_through(checked_gateway, fake, [(CHUNK, 1, event(1)), (kind, 2, b"")])
+    assert events_in(data) == 1 and not data.split(b"\r\n\r\n", 1)[1].endswith(b"0\r\n\r\n")
+    metrics = requests.get(checked_gateway.url + "/metrics").text
+    assert kind not in metrics
+    assert 'proxymq_gateway_streams_cancelled_total{reason="other"}' in metrics
+
+
+def broker_connections_of(pid: int) -> list[str]:
+    """RabbitMQ's ids of the AMQP connections process ``pid`` holds."""
+    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=True)
+    ports = {
+        line.split()[3].rsplit(":", 1)[1]
+        for line in sockets.stdout.splitlines()
+        if f"pid={pid}," in line and line.split()[4].endswith(":5672")
+    }
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line.split()[0] for line in listed.stdout.splitlines() if line.split()[-1:][0] in ports]
+
+
+def test_a_stream_its_worker_stops_ends_the_clients_answer_at_once(stack):
+    endless = StreamingDownstream(events=0, gap=0.1)
+    service = unique_service("stopped")
+    worker = stack.worker(service, endless.url)
+    gateway = stack.gateway(PROXYMQ_STREAM_IDLE_TIMEOUT="15")
+    sock, data, _ = read_raw(gateway.url, f"/{service}/x", until=b"data: event 2")
+    try:
+        # The broker drops the worker's connections (a node restart, a network blip): the
+        # worker cancels what it relays, as it cannot publish the rest on that connection.
+        names = broker_connections_of(worker.pid)
+        assert names
+        cut = time.monotonic()
+        for name in names:
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", name, "test"], check=True)
+        sock.settimeout(30)
+        while chunk := sock.recv(65536):
+            data += chunk
+            assert time.monotonic() - cut < 30, "the stream goes on"
+        ended = time.monotonic() - cut
+    finally:
+        sock.close()
+    assert not data.endswith(b"0\r\n\r\n")  # cut off, not ended
+    assert ended < 5, ended  # at the worker's abort, not at the 15 s idle timeout
+
+
+@pytest.fixture
+def intruder():
+    """Another broker user, and a channel of its own."""
+    with broker_user() as (name, url), kombu.Connection(url) as connection:
+        yield name, connection.channel()
+
+
+class FakeGateway:
+    """Plays a gateway as guest: publishes a request to a real worker's queue with its
+    own reply queue, and reads the streamed parts as they come."""
+
+    def __init__(self, service: str) -> None:
+        self.connection = kombu.Connection(BROKER_URL)
+        self.channel = self.connection.channel()
+        self.reply_to = self.channel.queue_declare("", exclusive=True).queue
+        self.correlation_id = str(uuid.uuid4())
+        deadline = int((time.time() + 60) * 1000)
+        request = RequestEnvelope(service, "GET", "/x", None, [], b"", deadline)
+        body, headers, properties = task_message(request, self.correlation_id, self.reply_to)
+        message = amqp.Message(body, application_headers=headers, **properties)
+        self.channel.basic_publish(message, routing_key=f"{service}_requests")
+        self.head = self.next_part()
+        assert (self.head.kind, self.head.seq) == (HEAD, 0)
+
+    def next_part(self, timeout: float = 10) -> StreamPart:
+        got = []
+        wait_for(lambda: got.append(self.channel.basic_get(self.reply_to, no_ack=True)) or got[-1],
+                 timeout, "a part")  # fmt: skip
+        return StreamPart.of(got[-1].properties["application_headers"])
+
+    def cancel(self, channel, stream_id: str | None, user_id: str | None) -> None:
+        """Publish a cancel for this stream to its worker's cancel queue on ``channel``."""
+        headers = {"x-proxymq-stream-id": stream_id} if stream_id else {}
+        extra = {"user_id": user_id} if user_id else {}
+        message = amqp.Message(
+            b"", correlation_id=self.correlation_id, application_headers=headers, **extra
+        )
+        channel.basic_publish(message, routing_key=self.head.cancel_to)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def parts_go_on(fake: FakeGateway, count: int) -> list[StreamPart]:
+    return [fake.next_part(timeout=3) for _ in range(count)]
+
+
+def test_a_cancel_from_another_broker_user_does_not_stop_a_stream(stack, intruder):
+    """What such a user can learn (the worker's cancel queue, from the queue list; the
+    correlation id, from a request queue) is not enough: a cancel must name the stream,
+    which only the gateway's reply queue ever sees."""
+    name, channel = intruder
+    endless = StreamingDownstream(events=0, gap=0.05)
+    service = unique_service("forged")
+    stack.worker(service, endless.url)
+    fake = FakeGateway(service)
+    try:
+        parts_go_on(fake, 2)
+        fake.cancel(channel, None, None)
+        fake.cancel(channel, None, name)
+        fake.cancel(channel, uuid.uuid4().hex, name)  # a guess
+        later = parts_go_on(fake, 10)  # half a second: long after the cancels arrived
+        assert [p.kind for p in later] == [CHUNK] * 10
+        (call,) = endless.calls
+        assert call["closed"] is None
+    finally:
+        fake.close()
+
+
+def test_with_cancel_users_only_they_can_cancel_and_a_cancel_ends_with_an_abort(stack, intruder):
+    name, channel = intruder
+    endless = StreamingDownstream(events=0, gap=0.05)
+    service = unique_service("cancel")
+    stack.worker(service, endless.url, PROXYMQ_CANCEL_USERS="guest")
+    fake = FakeGateway(service)
+    try:
+        parts = parts_go_on(fake, 2)
+        # Even knowing the stream id, another user's cancel is dropped (and logged).
+        fake.cancel(channel, fake.head.stream_id, name)
+        parts += parts_go_on(fake, 10)
+        assert [p.kind for p in parts] == [CHUNK] * 12
+        (call,) = endless.calls
+        assert call["closed"] is None
+        # The gateway's own: the downstream call stops, and the stream ends with an abort
+        # numbered after the last chunk, so its client is not left waiting.
+        fake.cancel(fake.channel, fake.head.stream_id, "guest")
+        cancelled = time.monotonic()
+        while parts[-1].kind == CHUNK:
+            parts.append(fake.next_part(timeout=3))
+        assert parts[-1].kind == ABORT
+        assert [p.seq for p in parts] == list(range(1, len(parts) + 1))
+        assert {p.stream_id for p in parts} == {fake.head.stream_id}
+        wait_for(lambda: call["closed"] is not None, 5, "the downstream connection to close")
+        assert call["closed"] - cancelled < 1.0
+    finally:
+        fake.close()

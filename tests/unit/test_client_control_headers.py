@@ -42,15 +42,38 @@ def test_quorum_with_priorities_is_refused():
 
 @pytest.mark.parametrize(("value", "expected"), [("0", 0), ("9", 9), (" 255 ", 255)])
 def test_priority_header(value, expected):
-    assert controls.priority([("X-ProxyMQ-Priority", value)]) == expected
-    assert controls.priority([]) is None
+    assert controls.priority([("X-ProxyMQ-Priority", value)], 255) == expected
+    assert controls.priority([], 255) is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", 0), ("3", 3), ("4", 3), ("255", 3)])
+def test_a_priority_header_is_capped_at_the_allowed_maximum(value, expected):
+    assert controls.priority([("X-ProxyMQ-Priority", value)], 3) == expected
+
+
+@pytest.mark.parametrize("value", ["255", "high"])
+def test_the_priority_header_is_ignored_when_no_priority_is_allowed(value):
+    assert controls.priority([("X-ProxyMQ-Priority", value)], None) is None
 
 
 @pytest.mark.parametrize("value", ["256", "-1", "+1", "1.0", "", "nine", "٣"])
 def test_a_bad_priority_header_is_400(value):
     with pytest.raises(errors.GatewayError) as caught:
-        controls.priority([("X-ProxyMQ-Priority", value)])
+        controls.priority([("X-ProxyMQ-Priority", value)], 9)
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("value", ["0", "256", "nine", "-1"])
+def test_a_bad_max_client_priority_is_one_line(value):
+    with pytest.raises(ConfigError) as caught:
+        GatewayConfig.from_env({"PROXYMQ_MAX_CLIENT_PRIORITY": value})
+    assert str(caught.value).startswith("PROXYMQ_MAX_CLIENT_PRIORITY: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_max_client_priority_is_read():
+    assert GatewayConfig.from_env({}).max_client_priority is None
+    assert GatewayConfig.from_env({"PROXYMQ_MAX_CLIENT_PRIORITY": "5"}).max_client_priority == 5
 
 
 def test_the_priority_is_the_message_property():
@@ -104,3 +127,12 @@ def test_a_claim_is_per_submitter_and_masks_the_job_id():
     masked = alice.mask("job-id-secret")
     assert "job-id-secret" not in masked and alice.unmask(masked) == "job-id-secret"
     assert bob.unmask(masked) != "job-id-secret"
+
+
+def test_cancel_users_are_read_and_a_blank_list_is_one_line():
+    assert WorkerConfig.from_env(WORKER_ENV).cancel_users is None
+    env = {**WORKER_ENV, "PROXYMQ_CANCEL_USERS": "gateway, gw2"}
+    assert WorkerConfig.from_env(env).cancel_users == {"gateway", "gw2"}
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({**WORKER_ENV, "PROXYMQ_CANCEL_USERS": " , "})
+    assert str(caught.value).startswith("PROXYMQ_CANCEL_USERS: ")

@@ -5,11 +5,18 @@ import msgpack
 import pytest
 
 from proxymq.envelope import (
+    CHUNK,
+    HEAD,
     TASK_NAME,
     ReplyEnvelope,
     RequestEnvelope,
+    StreamPart,
+    cancel_headers,
+    cancelled_stream,
     decode_reply,
     encode_reply,
+    is_cancel_queue,
+    new_cancel_queue,
     task_message,
 )
 from proxymq.headers import end_to_end
@@ -72,3 +79,56 @@ def test_reply_round_trips_binary_bodies_and_repeated_headers():
 def test_garbage_reply_raises_value_error():
     with pytest.raises(ValueError):
         decode_reply(b"\xc1not msgpack")
+
+
+# -- stream parts and cancels ----------------------------------------------------------------
+
+
+def test_a_stream_part_round_trips_through_its_headers():
+    head = StreamPart(HEAD, "s1", 0, "proxymq.cancel." + "a" * 32)
+    chunk = StreamPart(CHUNK, "s1", 7)
+    assert StreamPart.of(head.headers()) == head
+    assert StreamPart.of(chunk.headers()) == chunk
+    assert chunk.headers() == {
+        "x-proxymq-stream": "chunk",
+        "x-proxymq-stream-id": "s1",
+        "x-proxymq-stream-seq": 7,
+    }
+
+
+def test_a_whole_reply_is_no_stream_part():
+    assert StreamPart.of(None) is None
+    assert StreamPart.of({}) is None
+    assert StreamPart.of({"other": 1}) is None
+
+
+def test_a_part_without_a_number_is_unnumbered_and_one_with_a_bad_number_fits_no_order():
+    legacy = {"x-proxymq-stream": "chunk", "x-proxymq-stream-id": "s1"}
+    assert StreamPart.of(legacy).seq is None
+    for bad in ("1", 1.0, True):
+        assert StreamPart.of({**legacy, "x-proxymq-stream-seq": bad}).seq == -1
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        (new_cancel_queue(), True),
+        ("proxymq.cancel." + "0" * 32, True),
+        ("proxymq.cancel.", False),
+        ("proxymq.cancel." + "0" * 31, False),
+        ("proxymq.cancel." + "G" * 32, False),
+        ("payments_requests", False),
+        ("amq.gen-abc", False),
+        ("proxymq.cancel." + "0" * 32 + "\n", False),
+    ],
+)
+def test_only_a_cancel_queue_name_is_one(name, ok):
+    assert is_cancel_queue(name) is ok
+
+
+def test_a_cancel_names_its_stream():
+    assert cancelled_stream(cancel_headers("s1")) == "s1"
+    assert cancelled_stream(None) is None
+    assert cancelled_stream({}) is None
+    assert cancelled_stream({"x-proxymq-stream-id": ""}) is None
+    assert cancelled_stream({"x-proxymq-stream-id": 5}) is None
