@@ -115,23 +115,24 @@ def synchronous(
     label = functools.partial(metrics.label, request.service, config, link.known_queues)
     once = None
     if key is not None:
-        credential = incoming.header(request.headers, config.job_auth_header)
-        once = idempotency.Once(gateway, envelope, key, credential, correlation_id, label)
+        once = idempotency.Once(gateway, envelope, key, request.headers, correlation_id, label)
         record = once.begin(wait)
         if record is not None:
-            return jobs.replay(gateway, record, request), None
+            return once.replayed(jobs.replay(gateway, record, request)), None
     try:
         with metrics.inflight.labels(label()).track_inprogress():
             reply, stream = exchange(link, envelope, correlation_id, wait)
-    except BaseException:
+    except BaseException as error:
         if once is not None:
-            once.release()
+            once.fail(error, link.replies)
         raise
     if stream is None:
         if once is not None:
             once.keep_reply(reply)
         return reply_answer(reply, correlation_id, request.method), reply.error
     metrics.stream_first_byte.labels(label()).observe(time.perf_counter() - started)
+    if once is not None:
+        once.keep_alive()
 
     def end(stream: Stream) -> None:
         try:
