@@ -77,6 +77,8 @@ def scope(credential: str | None, cookie: str | None) -> str:
     only ever replayed within its scope, so to a client that presented the same ones."""
     if credential is None and cookie is None:
         return ANONYMOUS
+    if cookie is None:  # as before cookies counted: records of a credential stay its own
+        return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()
     digest = hashlib.sha256(b"proxymq-idempotency-scope\x00")
     for value in (credential, cookie):
         # None and "" differ: a header sent empty is not a header not sent.
