@@ -155,15 +155,17 @@ class Once:
     def keep_job(self, job_id: str) -> None:
         self._settle(lambda: self._store.finish_job(self._claim, self._correlation_id, job_id))
 
-    def keep_alive(self) -> None:
+    def keep_alive(self, running: Callable[[], bool]) -> None:
         """A stream is relayed, not kept, and may outlive the lease: its claim is renewed
-        every third of the lease until ``release``, so a repeat waits for it to end
-        instead of calling the downstream a second time."""
+        every third of the lease while ``running()`` (its downstream call goes on) and
+        until ``release``, so a repeat waits for it to end instead of calling the
+        downstream a second time. A stream that stopped but was never released (its
+        client's answer lost) leaves the claim to expire with its lease."""
         if self.held:
-            gevent.spawn(self._renew)
+            gevent.spawn(self._renew, running)
 
-    def _renew(self) -> None:
-        while not self._settled.wait(self._lease / 3):
+    def _renew(self, running: Callable[[], bool]) -> None:
+        while not self._settled.wait(self._lease / 3) and running():
             try:
                 if not self._store.renew(self._claim, self._correlation_id, self._lease):
                     return  # not this request's any more

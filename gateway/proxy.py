@@ -19,7 +19,7 @@ from gateway import controls, errors, idempotency, incoming, jobs, metrics
 from gateway.answers import Answer, error_answer, reply_answer
 from gateway.broker import BrokerLink
 from gateway.outgoing import envelope_of, exchange
-from gateway.streams import Stream, StreamAnswer
+from gateway.streams import OPEN, Stream, StreamAnswer
 from proxymq import tracing
 from proxymq.config import RESERVED_NAMES, GatewayConfig, is_service_name
 from proxymq.idempotency import IdempotencyStore
@@ -132,7 +132,7 @@ def synchronous(
         return reply_answer(reply, correlation_id, request.method), reply.error
     metrics.stream_first_byte.labels(label()).observe(time.perf_counter() - started)
     if once is not None:
-        once.keep_alive()
+        once.keep_alive(lambda: stream.state == OPEN)
 
     def end(stream: Stream) -> None:
         try:
