@@ -2,16 +2,20 @@
 
 The first request with a key claims it (``proxymq.idempotency``) and goes on as any
 other; when it gets the downstream's answer it stores it under the key, and the claim is
-done. A repeat (same submitter, same key) finds the claim: with another fingerprint it
+done. A repeat (same credentials, same key: ``proxymq.idempotency.scope``; a client
+without any shares the anonymous scope, whose replays never carry ``Set-Cookie``) finds
+the claim: with another fingerprint it
 is refused with 422 ``idempotency-key-reused``; done, it gets the stored answer with
 ``Idempotent-Replayed: true``; still running, it polls the record until it is done (or
 released: then it claims the key itself), at most its own wait. The result store out
 of reach is 503 ``result-store-unavailable`` before anything is published: never a call
 that a later repeat could not see.
 
-Only the downstream's answers are kept. The gateway's own errors (timeout, broker or
-queue unavailable, the worker's 502s) release the key, so the client's retry is sent
-again; a streamed answer holds the key until its stream ends, then releases it.
+Only the downstream's answers are kept. The gateway's own errors (broker or queue
+unavailable, the worker's 502s) release the key, so the client's retry is sent again.
+Two never free it while the first call may still run: a timeout keeps the claim until
+the worker's late reply (kept, or the key released if it is an error) or the lease's
+end; a streamed answer renews its claim while it runs and releases it at its end.
 """
 
 from __future__ import annotations
@@ -23,21 +27,33 @@ from typing import TYPE_CHECKING
 
 import gevent
 import redis
+from gevent.event import Event
 
 from gateway import errors, metrics
 from gateway.answers import Answer
 from gateway.controls import REPLAYED_HEADER
-from proxymq.envelope import ReplyEnvelope, RequestEnvelope
-from proxymq.idempotency import DONE, Claim, IdempotencyStore, Record, fingerprint
-from proxymq.jobs import owner_hash
+from gateway.incoming import header
+from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply
+from proxymq.headers import Headers
+from proxymq.idempotency import (
+    ANONYMOUS,
+    DONE,
+    Claim,
+    IdempotencyStore,
+    Record,
+    fingerprint,
+    scope,
+)
 
 if TYPE_CHECKING:
     from gateway.proxy import Gateway
+    from gateway.replies import ReplyRouter
 
 log = logging.getLogger(__name__)
 
 # A claim outlives its request's own wait by this much: the worker ends the downstream
-# call at the request's deadline, so after it nobody can still be calling for it.
+# call at the request's deadline (a stream excepted: it renews its claim), so after it
+# nobody can still be calling for it; the margin covers the clocks' skew.
 LEASE_MARGIN = 10.0
 _POLL_FIRST, _POLL_MAX = 0.02, 0.25
 
@@ -64,41 +80,43 @@ def store_unavailable() -> errors.GatewayError:
     )
 
 
-def replayed(answer: Answer) -> Answer:
-    answer.headers.append((REPLAYED_HEADER, "true"))
-    return answer
-
-
 class Once:
-    """One request's hold on its key: ``begin``, then ``keep_*`` or ``release``."""
+    """One request's hold on its key: ``begin``; then ``keep_reply`` or ``keep_job``
+    (its answer), ``keep_alive`` until ``release`` (a stream), or ``fail``."""
 
     def __init__(
         self,
         gateway: Gateway,
         envelope: RequestEnvelope,
         key: str,
-        credential: str | None,
+        headers: Headers,
         correlation_id: str,
         label: Callable[[], str],
     ) -> None:
         if gateway.idempotency is None:
             raise unavailable()
         self._store: IdempotencyStore = gateway.idempotency
-        self._claim = Claim.of(owner_hash(credential), key, fingerprint(envelope))
+        credential = header(headers, gateway.config.job_auth_header)
+        self._scope = scope(credential, header(headers, "Cookie"))
+        self._claim = Claim.of(self._scope, key, fingerprint(envelope))
         self._correlation_id = correlation_id
         self._label = label
+        self._lease = self._expires = 0.0
+        self._settled = Event()
         self.held = False
 
-    def begin(self, lease: float) -> Record | None:
-        """None: the key is this request's now (for ``lease`` seconds), go on. Else the
-        finished first request's record, to replay. Waits while the first one runs, at
-        most ``lease`` seconds (504 beyond)."""
-        give_up = time.monotonic() + lease
+    def begin(self, wait: float) -> Record | None:
+        """None: the key is this request's now (for ``wait`` + ``LEASE_MARGIN`` seconds),
+        go on. Else the finished first request's record, to replay. Waits while the
+        first one runs, at most ``wait`` seconds (504 beyond)."""
+        lease = wait + LEASE_MARGIN
+        give_up = time.monotonic() + wait
         interval, waited = _POLL_FIRST, False
         while True:
             try:
-                if self._store.claim(self._claim, self._correlation_id, lease + LEASE_MARGIN):
+                if self._store.claim(self._claim, self._correlation_id, lease):
                     self.held = True
+                    self._lease, self._expires = lease, time.monotonic() + lease
                     return None
                 record = self._store.get(self._claim)
             except redis.RedisError:
@@ -114,9 +132,18 @@ class Once:
                 waited = True
                 metrics.idempotent_waits_total.labels(self._label()).inc()
             if time.monotonic() >= give_up:
-                raise errors.timeout(lease)
+                raise errors.timeout(wait)
             gevent.sleep(interval)
             interval = min(interval * 1.5, _POLL_MAX)
+
+    def replayed(self, answer: Answer) -> Answer:
+        """A repeat's answer, marked as a replay. The anonymous scope is every client that
+        presented no credential, so its replays leave ``Set-Cookie`` out: a session the
+        first call opened belongs to its caller alone."""
+        if self._scope == ANONYMOUS:
+            answer.headers = [(n, v) for n, v in answer.headers if n.lower() != "set-cookie"]
+        answer.headers.append((REPLAYED_HEADER, "true"))
+        return answer
 
     def keep_reply(self, reply: ReplyEnvelope) -> None:
         """The first answer: kept when it is the downstream's, else the key is let go."""
@@ -128,6 +155,45 @@ class Once:
     def keep_job(self, job_id: str) -> None:
         self._settle(lambda: self._store.finish_job(self._claim, self._correlation_id, job_id))
 
+    def keep_alive(self, running: Callable[[], bool]) -> None:
+        """A stream is relayed, not kept, and may outlive the lease: its claim is renewed
+        every third of the lease while ``running()`` (its downstream call goes on) and
+        until ``release``, so a repeat waits for it to end instead of calling the
+        downstream a second time. A stream that stopped but was never released (its
+        client's answer lost) leaves the claim to expire with its lease."""
+        if self.held:
+            gevent.spawn(self._renew, running)
+
+    def _renew(self, running: Callable[[], bool]) -> None:
+        while not self._settled.wait(self._lease / 3) and running():
+            try:
+                if not self._store.renew(self._claim, self._correlation_id, self._lease):
+                    return  # not this request's any more
+            except redis.RedisError as exc:  # two thirds of the lease left to retry in
+                log.warning("could not renew an idempotency key: %r", exc)
+
+    def fail(self, error: BaseException, replies: ReplyRouter) -> None:
+        """The request ends without an answer. After a timeout its call may still run
+        (the worker ends it at the deadline, but only it knows when): the key stays
+        claimed until the worker's late reply says the call is over (kept as
+        ``keep_reply`` does, so a repeat gets the downstream's answer) or, without one,
+        until the lease runs out. Any other error: the request was not sent, or its
+        call was answered: the key is let go."""
+        left = self._expires - time.monotonic()
+        if isinstance(error, errors.GatewayError) and error.code == "timeout" and left > 0:
+            if self.held:
+                replies.expect_late(self._correlation_id, self._late, left)
+            return
+        self.release()
+
+    def _late(self, body: bytes) -> None:
+        try:
+            reply = decode_reply(body)
+        except ValueError:  # the worker answered, so the call is over: nothing to keep
+            self.release()
+            return
+        self.keep_reply(reply)
+
     def release(self) -> None:
         self._settle(lambda: self._store.release(self._claim, self._correlation_id))
 
@@ -137,6 +203,7 @@ class Once:
         if not self.held:
             return
         self.held = False
+        self._settled.set()
         try:
             step()
         except redis.RedisError as exc:

@@ -72,10 +72,10 @@ def submit(
     once = None
     if key is not None:
         label = functools.partial(metrics.label, request.service, config, gateway.link.known_queues)
-        once = idempotency.Once(gateway, envelope, key, credential, correlation_id, label)
+        once = idempotency.Once(gateway, envelope, key, request.headers, correlation_id, label)
         record = once.begin(PUBLISH_TIMEOUT)
         if record is not None:
-            return replay(gateway, record, request)
+            return once.replayed(replay(gateway, record, request))
     try:
         job_id = _publish(gateway, envelope, correlation_id, owner_hash(credential))
     except BaseException:
@@ -151,7 +151,8 @@ def _await(store: JobStore, job_id: str, wait: float):
 
 def replay(gateway: Gateway, record, request: incoming.ClientRequest) -> Answer:
     """A repeat's answer (``Idempotency-Key``): the first one's stored answer, or the
-    same job it submitted (waited for as ``Prefer: wait`` asks)."""
+    same job it submitted (waited for as ``Prefer: wait`` asks); ``Once.replayed``
+    marks it."""
     if record.reply is not None:
         answer = reply_answer(record.reply, record.correlation_id, request.method)
     else:
@@ -160,7 +161,7 @@ def replay(gateway: Gateway, record, request: incoming.ClientRequest) -> Answer:
             wait = controls.preferred_wait(request.headers, gateway.config.reply_timeout)
         cid, service = record.correlation_id, request.service
         answer = _accepted(gateway, record.job_id, cid, service, wait)
-    return idempotency.replayed(answer)
+    return answer
 
 
 def poll(store: JobStore | None, job_id: str, credential: str | None) -> Answer:

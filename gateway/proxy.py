@@ -19,7 +19,7 @@ from gateway import controls, errors, idempotency, incoming, jobs, metrics
 from gateway.answers import Answer, error_answer, reply_answer
 from gateway.broker import BrokerLink
 from gateway.outgoing import envelope_of, exchange
-from gateway.streams import Stream, StreamAnswer
+from gateway.streams import OPEN, Stream, StreamAnswer
 from proxymq import tracing
 from proxymq.config import RESERVED_NAMES, GatewayConfig, is_service_name
 from proxymq.idempotency import IdempotencyStore
@@ -115,23 +115,24 @@ def synchronous(
     label = functools.partial(metrics.label, request.service, config, link.known_queues)
     once = None
     if key is not None:
-        credential = incoming.header(request.headers, config.job_auth_header)
-        once = idempotency.Once(gateway, envelope, key, credential, correlation_id, label)
+        once = idempotency.Once(gateway, envelope, key, request.headers, correlation_id, label)
         record = once.begin(wait)
         if record is not None:
-            return jobs.replay(gateway, record, request), None
+            return once.replayed(jobs.replay(gateway, record, request)), None
     try:
         with metrics.inflight.labels(label()).track_inprogress():
             reply, stream = exchange(link, envelope, correlation_id, wait)
-    except BaseException:
+    except BaseException as error:
         if once is not None:
-            once.release()
+            once.fail(error, link.replies)
         raise
     if stream is None:
         if once is not None:
             once.keep_reply(reply)
         return reply_answer(reply, correlation_id, request.method), reply.error
     metrics.stream_first_byte.labels(label()).observe(time.perf_counter() - started)
+    if once is not None:
+        once.keep_alive(lambda: stream.state == OPEN)
 
     def end(stream: Stream) -> None:
         try:

@@ -2,14 +2,18 @@
 
 Modelled on nameko's ``ReplyListener``: one consumer per process on its own reply queue,
 and a map from correlation id to the waiter. A reply whose request has stopped waiting
-finds no entry and is dropped; entries are removed when their request ends, whatever the
-outcome, so the map never outgrows the requests in flight.
+finds no entry and is dropped, unless its request asked to take it late (an idempotency
+key's first request that timed out, ``expect_late``); entries are removed when their
+request ends, or when the late one's time is up, so the maps never outgrow the requests
+in flight.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import gevent
 from gevent.event import AsyncResult
 
 from gateway.streams import Stream
@@ -32,6 +36,7 @@ class ReplyRouter:
     def __init__(self, stream_buffer_bytes: int = 1024 * 1024) -> None:
         self._waiting: dict[str, AsyncResult] = {}
         self._streams: dict[str, Stream] = {}
+        self._late: dict[str, Callable[[bytes], None]] = {}
         self._buffer = stream_buffer_bytes
 
     def expect(self, correlation_id: str) -> AsyncResult:
@@ -42,12 +47,27 @@ class ReplyRouter:
     def forget(self, correlation_id: str) -> None:
         self._waiting.pop(correlation_id, None)
 
+    def expect_late(
+        self, correlation_id: str, take: Callable[[bytes], None], within: float
+    ) -> None:
+        """After its waiter gave up: a reply still arriving within ``within`` seconds goes
+        to ``take``, in a greenlet of its own (not the reader's), instead of nowhere."""
+        self._late[correlation_id] = take
+        gevent.spawn_later(within, self._late.pop, correlation_id, None)
+
     def deliver(self, correlation_id: str | None, body: bytes) -> bool:
-        """Wake the waiter for ``correlation_id``; False when nobody waits (a late reply)."""
-        waiter = self._waiting.pop(correlation_id, None) if correlation_id else None
-        if waiter is None:
+        """Wake the waiter for ``correlation_id``, or hand a late reply to whoever still
+        takes it; False when nobody does (it is dropped)."""
+        if not correlation_id:
             return False
-        waiter.set(body)
+        waiter = self._waiting.pop(correlation_id, None)
+        if waiter is not None:
+            waiter.set(body)
+            return True
+        take = self._late.pop(correlation_id, None)
+        if take is None:
+            return False
+        gevent.spawn(take, body)
         return True
 
     def start_stream(

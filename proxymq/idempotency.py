@@ -2,8 +2,10 @@
 
 ``Idempotency-Key`` (IETF httpapi draft): the first request with a key claims it and is
 sent on as usual; a repeat with the same key from the same submitter gets the first one's
-answer without a second downstream call, or waits for it while it runs. One hash per
-claim, ``proxymq:idem:<sha256 of submitter hash and key>``:
+answer without a second downstream call, or waits for it while it runs. The submitter
+is its credentials (``scope``): the credential header and the cookies, hashed; a
+request with neither is ``anonymous``. One hash per claim,
+``proxymq:idem:<sha256 of scope and key>``:
 
     state   running | done
     fp      sha256 of the request (method, service, path, query, body): a key reused for
@@ -14,7 +16,8 @@ claim, ``proxymq:idem:<sha256 of submitter hash and key>``:
     job     the job id, masked (a job: its replay is the same 202)
 
 A running claim is a lease: it expires on its own (the wait of the first request plus a
-margin) so a gateway that dies holding it blocks the key only until then. A done record
+margin; a stream renews it while it runs) so a gateway that dies holding it blocks the
+key only until then. A done record
 expires ``PROXYMQ_IDEMPOTENCY_TTL`` after it was stored. Neither the key nor the
 submitter's credential is stored: the Redis key is a hash of both; the job id, a secret,
 is stored masked with a pad only the key and the credential give.
@@ -30,6 +33,8 @@ import redis
 from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply, encode_reply
 
 RUNNING, DONE = "running", "done"
+# The scope of a request that presented no credential at all: shared by all such requests.
+ANONYMOUS = "anonymous"
 
 # Claim a free key: the record, with the lease as its expiry. 1 claimed, 0 taken.
 _CLAIM = """
@@ -49,6 +54,14 @@ redis.call('HSET', KEYS[1], 'state', 'done', ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+# The claimer's call still runs (a stream): its lease starts again. 1 renewed, 0 not its.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'cid') ~= ARGV[1] or
+   redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  return 0
+end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
 # The claimer gives up (no answer to keep): the next repeat claims the key again.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'cid') == ARGV[1] then
@@ -56,6 +69,22 @@ if redis.call('HGET', KEYS[1], 'cid') == ARGV[1] then
 end
 return 0
 """
+
+
+def scope(credential: str | None, cookie: str | None) -> str:
+    """Whose key it is: the credential header's value and the ``Cookie`` header's (a
+    session cookie is a credential too), hashed; ``ANONYMOUS`` with neither. A key is
+    only ever replayed within its scope, so to a client that presented the same ones."""
+    if credential is None and cookie is None:
+        return ANONYMOUS
+    if cookie is None:  # as before cookies counted: records of a credential stay its own
+        return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()
+    digest = hashlib.sha256(b"proxymq-idempotency-scope\x00")
+    for value in (credential, cookie):
+        # None and "" differ: a header sent empty is not a header not sent.
+        digest.update(b"\x00" if value is None else b"=" + value.encode("utf-8", "surrogateescape"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
 
 
 def fingerprint(envelope: RequestEnvelope) -> str:
@@ -79,8 +108,8 @@ class Claim:
     fp: str
 
     @classmethod
-    def of(cls, owner: str, idempotency_key: str, fp: str) -> Claim:
-        secret = owner.encode() + b"\x00" + idempotency_key.encode("utf-8", "surrogateescape")
+    def of(cls, scope: str, idempotency_key: str, fp: str) -> Claim:
+        secret = scope.encode() + b"\x00" + idempotency_key.encode("utf-8", "surrogateescape")
         name = hashlib.sha256(b"proxymq-idempotency\x00" + secret).hexdigest()
         pad = hashlib.sha512(b"proxymq-idempotency-job\x00" + secret).digest()
         return cls(f"proxymq:idem:{name}", pad, fp)
@@ -112,11 +141,18 @@ class IdempotencyStore:
         self._claim = self._redis.register_script(_CLAIM)
         self._finish = self._redis.register_script(_FINISH)
         self._release = self._redis.register_script(_RELEASE)
+        self._renew = self._redis.register_script(_RENEW)
 
     def claim(self, claim: Claim, correlation_id: str, lease: float) -> bool:
         """Take the key for this request for ``lease`` seconds; False when it is taken."""
         args = [claim.fp, correlation_id, max(1, int(lease * 1000))]
         return bool(self._claim(keys=[claim.key], args=args))
+
+    def renew(self, claim: Claim, correlation_id: str, lease: float) -> bool:
+        """Give this request's running claim ``lease`` more seconds; False when the
+        claim is no longer its own (done, released, or expired and taken)."""
+        args = [correlation_id, max(1, int(lease * 1000))]
+        return bool(self._renew(keys=[claim.key], args=args))
 
     def get(self, claim: Claim) -> Record | None:
         fields = self._redis.hgetall(claim.key)

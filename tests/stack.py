@@ -372,7 +372,9 @@ class Downstream:
     Paths pick a behaviour: ``/sleep/<s>`` waits, ``/status/<code>`` answers that status,
     ``/bytes/<n>`` answers n bytes with a Content-Length, ``/chunked-bytes/<n>`` chunked,
     ``/close`` drops the connection without answering, ``/health`` answers 200 or 503 as
-    ``healthy`` says (and is not recorded); anything else echoes the body.
+    ``healthy`` says (and is not recorded), ``/whoami`` names the Cookie and Authorization
+    it got and sets a session cookie of its own for each call; anything else echoes the
+    body.
     """
 
     def __init__(self) -> None:
@@ -423,6 +425,11 @@ class Downstream:
             environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
             environ["werkzeug.socket"].close()
             return []
+        if parts[0] == "whoami":  # an answer only its caller should ever see
+            who = {name: request.headers.get(name) for name in ("Cookie", "Authorization")}
+            response = Response(json.dumps(who), content_type="application/json")
+            response.headers.add("Set-Cookie", f"session={uuid.uuid4().hex}")
+            return response(environ, start_response)
         if parts[0] in ("bytes", "chunked-bytes"):  # n bytes, with or without a length
             size = int(parts[1])
             if parts[0] == "bytes":

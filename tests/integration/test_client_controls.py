@@ -2,7 +2,10 @@
 ``Idempotency-Key``, ``Prefer: respond-async, wait=<s>``, ``X-ProxyMQ-Priority``."""
 
 import contextlib
+import itertools
 import json
+import select
+import socket
 import subprocess
 import threading
 import time
@@ -11,11 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from stack import Scrape, consumers, free_port, unique_service, wait_for
+from stack import RawServer, Scrape, consumers, free_port, unique_service, wait_for
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 RESULT_URL = "redis://127.0.0.1:6379/0"
+# gateway.idempotency.LEASE_MARGIN (importing the gateway here would build its app): a
+# claim's first lease is the request's wait plus this.
+LEASE_MARGIN = 10
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +93,51 @@ def test_keys_are_scoped_per_submitter(gateway, served, downstream):
     assert len(calls_with(downstream, body)) == 2
 
 
+def whoami(gateway, service, idem, **headers):
+    headers["Idempotency-Key"] = idem
+    return requests.get(f"{gateway.url}/{service}/whoami", headers=headers, timeout=30)
+
+
+def calls_keyed(downstream, idem: str) -> list:
+    return [s for s in list(downstream.seen) if dict(s.headers).get("Idempotency-Key") == idem]
+
+
+def test_a_key_never_replays_to_a_client_without_the_same_credentials(gateway, served, downstream):
+    idem = key()
+    first = whoami(gateway, served, idem, Cookie="sid=A")
+    assert first.status_code == 200 and first.json()["Cookie"] == "sid=A"
+    others = {
+        "no credential": {},
+        "another cookie": {"Cookie": "sid=B"},
+        "an Authorization": {"Authorization": "Bearer b"},
+        "A's cookie and an Authorization": {"Cookie": "sid=A", "Authorization": "Bearer b"},
+    }
+    for who, headers in others.items():
+        answer = whoami(gateway, served, idem, **headers)
+        assert answer.status_code == 200, (who, answer.text)
+        assert "Idempotent-Replayed" not in answer.headers, who
+        assert answer.json() == {"Cookie": None, "Authorization": None, **headers}, who
+        assert answer.headers["Set-Cookie"] != first.headers["Set-Cookie"], who
+    again = whoami(gateway, served, idem, Cookie="sid=A")
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+    assert again.headers["Set-Cookie"] == first.headers["Set-Cookie"]
+    assert len(calls_keyed(downstream, idem)) == 1 + len(others)
+
+
+def test_an_anonymous_replay_never_carries_the_first_answers_set_cookie(
+    gateway, served, downstream
+):
+    idem = key()
+    first = whoami(gateway, served, idem)
+    assert first.status_code == 200 and first.headers["Set-Cookie"].startswith("session=")
+    again = whoami(gateway, served, idem)
+    assert (again.status_code, again.content) == (200, first.content)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Set-Cookie" not in again.headers
+    assert len(calls_keyed(downstream, idem)) == 1
+
+
 def test_a_malformed_key_is_400(gateway, served):
     response = post(gateway, served, "/x", b"", **{"Idempotency-Key": "é" * 3})
     assert (response.status_code, response.headers["X-ProxyMQ-Error"]) == (400, "bad-request")
@@ -121,6 +172,114 @@ def test_the_clients_retry_after_its_own_timeout_waits_for_the_running_call(
     assert (retry.status_code, retry.content) == (200, body)
     assert retry.headers["Idempotent-Replayed"] == "true"
     assert len(calls_with(downstream, body)) == 1
+
+
+class SlowDownstream(RawServer):
+    """A downstream whose calls take their time, each recorded with its
+    ``Idempotency-Key`` and when it started and ended (its answer sent, or its connection
+    closed by the worker, noticed at once). ``/stream/<s>``: an event stream of ``s``
+    seconds, an event every 0.2 s. ``/trickle/<n>``: ``n`` bytes with a Content-Length,
+    one every 0.1 s (every read the worker makes gets a byte, so only a whole-call
+    deadline cuts it short)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        head = conn.recv(65536).decode("latin-1")
+        lines = head.split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+        call = {"key": headers.get("idempotency-key"), "started": time.monotonic(), "ended": None}
+        self.calls.append(call)
+        _, kind, amount = lines[0].split(" ")[1].split("/")
+        try:
+            if kind == "stream":
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                )
+                end = time.monotonic() + float(amount)
+                while time.monotonic() < end:
+                    conn.sendall(b"6\r\ndata\n\n\r\n")
+                    self._pause(conn, 0.2)
+                conn.sendall(b"0\r\n\r\n")
+            else:
+                size = int(amount)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n")
+                conn.sendall(b"Content-Length: %d\r\n\r\n" % size)
+                for _ in range(size):
+                    self._pause(conn, 0.1)
+                    conn.sendall(b"t")
+        except OSError:
+            pass
+        call["ended"] = time.monotonic()
+        conn.close()
+
+    @staticmethod
+    def _pause(conn: socket.socket, seconds: float) -> None:
+        """Wait, but end the call the moment the worker closes its connection."""
+        if select.select([conn], [], [], seconds)[0] and not conn.recv(1, socket.MSG_PEEK):
+            raise ConnectionResetError("closed by the worker")
+
+    def keyed(self, idem: str) -> list[dict]:
+        return [call for call in list(self.calls) if call["key"] == idem]
+
+
+@pytest.fixture(scope="module")
+def slow(stack):
+    server = SlowDownstream()
+    service = unique_service("idemslow")
+    stack.worker(service, server.url, "-c", "2")
+    yield server, service
+    server.close()
+
+
+def test_a_stream_longer_than_its_claims_lease_keeps_its_key_while_it_runs(gateway, slow):
+    server, service = slow
+    idem = key()
+    url = f"{gateway.url}/{service}/stream/{LEASE_MARGIN + 5}"
+    # A wait of 1 s: the claim's lease is 1 s + LEASE_MARGIN, which the stream outlives.
+    headers = {"Idempotency-Key": idem, "X-ProxyMQ-Timeout": "1"}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(requests.get, url, headers=headers, timeout=60)
+        wait_for(lambda: server.keyed(idem), 10, "the stream's call")
+        time.sleep(LEASE_MARGIN + 1.5)  # past the lease it was first given
+        with requests.get(url, headers=headers, stream=True, timeout=60) as repeat:
+            # It waits for the running stream (1 s, its own wait), and calls nothing.
+            assert repeat.status_code == 504, repeat.headers
+            assert repeat.headers["X-ProxyMQ-Error"] == "timeout"
+        assert len(server.keyed(idem)) == 1
+        assert first.result().status_code == 200
+        assert first.result().content.count(b"data") > 5 * (LEASE_MARGIN + 4)
+    assert len(server.keyed(idem)) == 1
+    # A stream is relayed, not kept: once it ended, its key is free again.
+    again = requests.get(url, headers={"Idempotency-Key": idem}, stream=True, timeout=60)
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers
+    again.close()
+
+
+def test_a_504_keeps_the_key_until_the_first_call_is_over(gateway, slow):
+    server, service = slow
+    idem = key()
+    url = f"{gateway.url}/{service}/trickle/30"  # 3 s of answer
+    headers = {"Idempotency-Key": idem, "X-ProxyMQ-Timeout": "1"}
+    first = requests.get(url, headers=headers, timeout=30)
+    assert first.status_code == 504 and first.headers["X-ProxyMQ-Error"] == "timeout"
+    repeat = requests.get(url, headers={"Idempotency-Key": idem}, timeout=60)
+    assert (repeat.status_code, repeat.content) == (200, b"t" * 30), repeat.text
+    calls = server.keyed(idem)
+    # Never a second call while the first one runs. (A first call cut off by the worker
+    # ends when the downstream's thread sees its connection closed: a few ms of thread
+    # scheduling are allowed for, far below the 2 s an overlapping call would show.)
+    for earlier, later in itertools.pairwise(calls):
+        assert earlier["ended"] is not None, calls
+        assert later["started"] > earlier["ended"] - 0.05, calls
+    if len(calls) == 1:  # the first call's answer came after the 504: it is kept
+        assert repeat.headers["Idempotent-Replayed"] == "true"
+        assert repeat.headers["X-Correlation-ID"] == first.headers["X-Correlation-ID"]
+    else:  # the worker cut the first call off at its deadline: the repeat calls anew
+        assert len(calls) == 2 and "Idempotent-Replayed" not in repeat.headers
 
 
 def test_a_worker_killed_mid_call_the_redelivered_call_answers_both(stack, gateway, downstream):
@@ -162,16 +321,35 @@ def test_a_worker_killed_mid_call_the_redelivered_call_answers_both(stack, gatew
     assert sorted(dict(s.headers)["X-Proxymq-Delivery-Count"] for s in seen) == ["1", "2"]
 
 
-def test_a_gateway_error_releases_the_key_for_the_retry(stack, gateway, downstream):
+def test_a_workers_error_releases_the_key_for_the_retry(stack, gateway, downstream):
     service = unique_service("idemrel")
-    stack.worker(service, downstream.url).stop()  # the queue exists, nobody consumes it
+    unreachable = stack.worker(service, f"http://127.0.0.1:{free_port()}")
     body, idem = uuid.uuid4().bytes, key()
-    headers = {"Idempotency-Key": idem, "X-ProxyMQ-Timeout": "0.5"}
-    assert post(gateway, service, "/x", body, **headers).status_code == 504
+    failed = post(gateway, service, "/x", body, **{"Idempotency-Key": idem})
+    assert failed.headers["X-ProxyMQ-Error"] == "downstream-unavailable"
+    unreachable.stop()
     stack.worker(service, downstream.url)
     retry = post(gateway, service, "/x", body, **{"Idempotency-Key": idem})
     assert (retry.status_code, retry.content) == (200, body)
     assert "Idempotent-Replayed" not in retry.headers
+
+
+def test_a_timeout_no_worker_answers_frees_the_key_only_at_its_leases_end(
+    stack, gateway, downstream
+):
+    service = unique_service("idemlease")
+    stack.worker(service, downstream.url).stop()  # the queue exists, nobody consumes it
+    body, idem = uuid.uuid4().bytes, key()
+    headers = {"Idempotency-Key": idem, "X-ProxyMQ-Timeout": "0.5"}
+    sent = time.monotonic()
+    assert post(gateway, service, "/x", body, **headers).status_code == 504
+    # The worker, started late, drops the expired request unanswered: no late reply.
+    stack.worker(service, downstream.url)
+    retry = post(gateway, service, "/x", body, **{"Idempotency-Key": idem})
+    assert (retry.status_code, retry.content) == (200, body)
+    assert "Idempotent-Replayed" not in retry.headers
+    assert time.monotonic() - sent > 0.5 + LEASE_MARGIN - 0.5  # it waited out the lease
+    assert len(calls_with(downstream, body)) == 1
 
 
 def test_without_a_result_store_the_key_is_501(stack, served):

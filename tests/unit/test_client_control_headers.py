@@ -5,7 +5,7 @@ import pytest
 from gateway import controls, errors
 from proxymq.config import ConfigError, GatewayConfig, ServiceConfig, WorkerConfig
 from proxymq.envelope import RequestEnvelope, task_message
-from proxymq.idempotency import Claim, fingerprint
+from proxymq.idempotency import ANONYMOUS, Claim, fingerprint, scope
 from workers.app import service_queue
 
 WORKER_ENV = {"PROXYMQ_SERVICE": "a", "PROXYMQ_DOWNSTREAM_URL": "http://a"}
@@ -136,3 +136,18 @@ def test_cancel_users_are_read_and_a_blank_list_is_one_line():
     with pytest.raises(ConfigError) as caught:
         WorkerConfig.from_env({**WORKER_ENV, "PROXYMQ_CANCEL_USERS": " , "})
     assert str(caught.value).startswith("PROXYMQ_CANCEL_USERS: ")
+
+
+def test_the_scope_is_the_credential_and_the_cookie_and_anonymous_only_without_both():
+    scopes = [
+        scope("Bearer a", None),
+        scope(None, "sid=a"),
+        scope("Bearer a", "sid=a"),
+        scope("sid=a", None),
+        scope("", None),
+        scope(None, ""),
+        scope("Bearer b", None),
+    ]
+    assert len(set(scopes)) == len(scopes)
+    assert ANONYMOUS not in scopes and scope(None, None) == ANONYMOUS
+    assert scope("Bearer a", "sid=a") == scope("Bearer a", "sid=a")
