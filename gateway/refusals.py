@@ -74,10 +74,9 @@ class Refusals:
             count, answered_at = self._count(queue)
             if count:
                 return self._decide(queue, republish(answered_at))
-            remaining = stop - self._clock()
-            if remaining <= 0:
-                raise StillRefused(f"the broker refused the message to {queue!r} for a while")
-            gevent.sleep(min(backoff, remaining))
+            if stop - self._clock() <= backoff:  # no time left for another try
+                raise StillRefused(f"the broker kept refusing the message to {queue!r}")
+            gevent.sleep(backoff)
             backoff = min(2 * backoff, MAX_BACKOFF)
             outcome = republish(None)
             if outcome != NACK:
