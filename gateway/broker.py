@@ -222,7 +222,7 @@ class BrokerLink:
         message = amqp.Message(body, application_headers=headers, **properties)
         give_up = time.monotonic() + timeout
         outcome = self._publish(routing_key, message, properties, timeout)
-        if outcome == NACK:  # nothing above this line runs only for a nack
+        if outcome == NACK:  # all that a nack adds (gateway.refusals)
             outcome = self._after_nack(routing_key, message, properties, give_up)
         if outcome == ACK:
             self.known_queues.add(routing_key)

@@ -65,13 +65,14 @@ class Refusals:
     def after_nack(self, queue: str, republish: Republish, give_up: float) -> str:
         """The outcome of a publish to ``queue`` that was nacked: NACK when the queue is
         full, else the outcome of a retry (ACK, RETURNED); raises ``StillRefused`` when
-        the nacks outlast ``RETRY_FOR`` or ``give_up`` (the request's deadline)."""
+        the nacks outlast ``RETRY_FOR`` or ``give_up`` (the request's deadline), and
+        ``gevent.Timeout`` when the deadline passes while the broker is asked."""
         stop = min(give_up, self._clock() + RETRY_FOR)
         backoff = FIRST_BACKOFF
         while True:
             if self._clock() - self._full_at.get(queue, -FULL_FOR) < FULL_FOR:
                 return NACK
-            count, answered_at = self._count(queue)
+            count, answered_at = self._count(queue, give_up - self._clock())
             if count:
                 return self._decide(queue, republish(answered_at))
             if stop - self._clock() <= backoff:  # no time left for another try
@@ -88,13 +89,14 @@ class Refusals:
             self._full_at[queue] = self._clock()
         return outcome
 
-    def _count(self, queue: str) -> tuple[int | None, float]:
+    def _count(self, queue: str, timeout: float) -> tuple[int | None, float]:
         """The queue's message count and when it was answered. Requests nacked at the
-        same time share one declare, and so one fresh channel opened after it."""
+        same time share one declare, and so one fresh channel opened after it. Raises
+        ``gevent.Timeout`` when the request's deadline comes first."""
         check = self._checks.get(queue)
         if check is None or check.ready():
             check = self._checks[queue] = gevent.spawn(self._answered, queue)
-        return check.get()
+        return check.get(timeout=max(0.0, timeout))
 
     def _answered(self, queue: str) -> tuple[int | None, float]:
         count = self._depth(queue)

@@ -15,6 +15,7 @@ import json
 import threading
 import time
 import uuid
+from collections import Counter
 
 import amqp
 import kombu
@@ -103,7 +104,8 @@ def test_a_request_published_as_the_leader_dies_is_answered_after_a_retry_not_qu
         )
         wait_for(lambda: _consumers(cluster, config.queue) == 1, 60, "the worker consuming")
         gateway = stack.gateway(PROXYMQ_BROKER_URL=cluster.urls(1))
-        load = _Clients(f"{gateway.url}/{service}/echo", 8)
+        path = f"/calls-of-{service}"  # tells this test's calls from other tests'
+        load = _Clients(f"{gateway.url}/{service}{path}", 8)
         with kombu.Connection(survivor.url) as probing:
             probing.connect()
             killed_at = time.monotonic()
@@ -117,6 +119,14 @@ def test_a_request_published_as_the_leader_dies_is_answered_after_a_retry_not_qu
         assert probed == NACK, "the broker did not refuse: the case is not reproduced"
         refused = [answer for answer in answers if answer[1] != 200]
         assert not refused, f"{len(refused)} not answered 200, e.g. {refused[:5]}"
+        # A nacked publish was not enqueued: publishing it again made no second call.
+        calls = Counter(
+            dict(seen.headers).get("X-Correlation-Id")
+            for seen in list(downstream.seen)
+            if seen.raw_uri == path
+        )
+        assert sum(calls.values()) == len(answers)
+        assert [cid for cid, n in calls.items() if n > 1] == []
     finally:
         stack.stop()
         cluster.restart(leader)
