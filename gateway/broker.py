@@ -25,13 +25,16 @@ import kombu
 from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 
+from gateway.refusals import Refusals, StillRefused
 from gateway.replies import ReplyRouter
 from gateway.streams import ABORTED, ENDED, Stream
 from proxymq.config import broker_urls
-from proxymq.confirms import ACK, LOST, ConfirmTracker, Ticket
+from proxymq.confirms import ACK, LOST, NACK, ConfirmTracker, Ticket
 from proxymq.envelope import HEAD, StreamPart, cancel_headers, is_cancel_queue
 
 log = logging.getLogger(__name__)
+
+DEPTH_TIMEOUT = 2.0  # seconds for the passive declare that tells a full queue
 
 
 class BrokerUnavailable(Exception):
@@ -64,6 +67,7 @@ class BrokerLink:
         if ssl is not None and len(ssl) != len(self._urls):
             raise ValueError(f"{len(ssl)} ssl options for {len(self._urls)} broker URLs")
         self._next = 0
+        self._current: int | None = None  # index in _urls of the node connected to
         self._connect_timeout = connect_timeout
         self.node: str | None = None  # "host:port" of the node connected to
         self._ssl = ssl
@@ -80,6 +84,7 @@ class BrokerLink:
         # Queues that confirmed a publish: they exist, so their names are safe metric
         # labels (a name any client can invent is not).
         self.known_queues: set[str] = set()
+        self._refusals = Refusals(self._depth)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -156,6 +161,7 @@ class BrokerLink:
                     log.warning("broker node %s refused: %r", self._address(index), exc)
                 continue
             self._next = (index + 1) % len(self._urls)
+            self._current = index
             self.node = self._address(index)
             return connection
         raise error
@@ -187,6 +193,7 @@ class BrokerLink:
         confirms, self._confirms = self._confirms, None
         self.reply_queue = None
         self.node = None
+        self._current = None
         if confirms is not None:
             confirms.lose_all()
         self.replies.fail_all(BrokerUnavailable("the connection to the broker was lost"))
@@ -203,14 +210,34 @@ class BrokerLink:
     ) -> str:
         """Publish one message (mandatory, confirmed); return ACK, RETURNED or NACK.
 
-        RETURNED means no queue took the message; NACK means the queue refused it (a full
-        queue with ``reject-publish``). A message naming a reply queue must name this
-        process's current one: after a reconnect its reply could not arrive. Raises
-        ``BrokerUnavailable`` at once while disconnected, or when the broker stops
-        reading (a resource alarm) for longer than ``timeout``; ``gevent.Timeout`` when
-        it does not confirm in time.
+        RETURNED means no queue took the message; NACK means the queue is full (at its
+        length limit with ``reject-publish``). A nack from a cluster failing over is
+        retried within ``timeout`` (``gateway.refusals``). A message naming a reply
+        queue must name this process's current one: after a reconnect its reply could
+        not arrive. Raises ``BrokerUnavailable`` at once while disconnected, when the
+        broker stops reading (a resource alarm) for longer than ``timeout``, or when
+        the nacks of a queue that is not full persist; ``gevent.Timeout`` when it does
+        not confirm in time.
         """
         message = amqp.Message(body, application_headers=headers, **properties)
+        give_up = time.monotonic() + timeout
+        outcome = self._publish(routing_key, message, properties, timeout)
+        if outcome == NACK:  # all that a nack adds (gateway.refusals)
+            outcome = self._after_nack(routing_key, message, properties, give_up)
+        if outcome == ACK:
+            self.known_queues.add(routing_key)
+        return outcome
+
+    def _publish(
+        self,
+        routing_key: str,
+        message: amqp.Message,
+        properties: dict,
+        timeout: float,
+        fresh_since: float | None = None,
+    ) -> str:
+        """One publish and its confirm; with ``fresh_since``, on a channel opened then
+        or later."""
         result = AsyncResult()
         if not self._write_lock.acquire(timeout=timeout):
             raise BrokerUnavailable("the broker is not accepting messages")
@@ -219,6 +246,8 @@ class BrokerLink:
             reply_to = properties.get("reply_to")
             if confirms is None or (reply_to is not None and reply_to != self.reply_queue):
                 raise BrokerUnavailable("not connected to the broker")
+            if fresh_since is not None:
+                confirms.renew_unless_opened_since(fresh_since)
             ticket = self._write(confirms, routing_key, message, result.set, timeout)
         finally:
             self._write_lock.release()
@@ -228,9 +257,45 @@ class BrokerLink:
             confirms.forget(ticket)
         if outcome == LOST:
             raise BrokerUnavailable("the connection to the broker was lost")
-        if outcome == ACK:
-            self.known_queues.add(routing_key)
         return outcome
+
+    def _after_nack(
+        self, routing_key: str, message: amqp.Message, properties: dict, give_up: float
+    ) -> str:
+        def republish(fresh_since: float | None) -> str:
+            remaining = max(0.0, give_up - time.monotonic())
+            return self._publish(routing_key, message, properties, remaining, fresh_since)
+
+        try:
+            return self._refusals.after_nack(routing_key, republish, give_up)
+        except StillRefused as exc:
+            raise BrokerUnavailable(str(exc)) from None
+
+    def _depth(self, queue: str) -> int | None:
+        """The queue's message count by a passive declare, on a connection of its own
+        to the node the link is on: a declare's answer on the link's connection would
+        reach its reader, and a refusal (404) would close the channel under it. None
+        when the broker does not say."""
+        index = self._current
+        if index is None:
+            return None
+        connection = kombu.Connection(
+            self._urls[index],
+            heartbeat=0,
+            connect_timeout=DEPTH_TIMEOUT,
+            ssl=self._ssl[index] if self._ssl else False,
+        )
+        try:
+            with gevent.Timeout(DEPTH_TIMEOUT):
+                connection.connect()
+                _, count, _ = connection.channel().queue_declare(queue=queue, passive=True)
+                return count
+        except (Exception, gevent.Timeout) as exc:
+            log.info("could not count the messages of %s: %r", queue, exc)
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                connection.release()
 
     def _write(self, confirms, routing_key, message, settled, timeout) -> Ticket:
         """Under the write lock: publish, bounded in time."""

@@ -111,6 +111,13 @@ class ConfirmTracker:
             raise
         return lane, tag
 
+    def renew_unless_opened_since(self, since: float) -> None:
+        """Publish from now on on a channel opened at ``since`` or later (by the tracker's
+        clock), whatever the renewal interval: the gateway's test of whether a nack is
+        the queue's own refusal (``gateway/refusals.py``)."""
+        if self._renewed_at < since:
+            self._renew()
+
     def forget(self, ticket: Ticket) -> None:
         """Stop waiting for one publish (its caller gave up on it)."""
         lane, tag = ticket

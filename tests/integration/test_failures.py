@@ -7,7 +7,14 @@ import time
 import kombu
 import pytest
 import requests
-from stack import BROKER_URL, PrivateBroker, consumers, unique_service, wait_for
+from stack import (
+    BROKER_URL,
+    PrivateBroker,
+    consumers,
+    delete_queues,
+    unique_service,
+    wait_for,
+)
 
 
 def post(gateway, service, path, body=b"x", timeout=None, **kwargs):
@@ -74,6 +81,52 @@ def test_full_queue_sheds_with_503_and_queued_requests_wait_for_a_worker(stack, 
         assert int(shed.headers["Retry-After"]) > 0
         stack.worker(service, downstream.url, PROXYMQ_QUEUE_MAX_LENGTH="2")
         assert [f.result().status_code for f in queued] == [200, 200]
+
+
+def test_a_full_queue_answers_queue_full_at_once(stack, downstream):
+    """Shedding load is the point of a length limit: the nack of a full queue is answered
+    without the retry that a failover's nack gets (gateway/refusals.py)."""
+    service = unique_service("fullnow")
+    worker = stack.worker(service, downstream.url, PROXYMQ_QUEUE_MAX_LENGTH="2")
+    worker.stop()  # the queue stays, with its limit, and nobody consumes it
+    with kombu.Connection(BROKER_URL) as connection:
+        producer = connection.Producer()
+        for _ in range(2):
+            producer.publish(b"filler", routing_key=f"{service}_requests")
+    gateway = stack.gateway()
+    for attempt in range(3):  # the first asks the broker how full the queue is
+        started = time.monotonic()
+        shed = post(gateway, service, f"/x{attempt}", timeout=10)
+        took = time.monotonic() - started
+        assert (shed.status_code, shed.headers["X-ProxyMQ-Error"]) == (503, "queue-full")
+        assert int(shed.headers["Retry-After"]) > 0
+        assert took < 1, f"attempt {attempt}: queue-full after {took:.2f} s"
+
+
+def test_a_publish_refused_while_its_queue_holds_nothing_is_retried_until_broker_unavailable(
+    stack,
+):
+    """A nack from a queue that holds no message is not a full queue's (ProxyMQ's limits
+    are at least 1): it is what a quorum queue without a reachable leader answers. The
+    gateway tries again within the deadline, at most RETRY_FOR seconds, then answers
+    broker-unavailable. A queue that refuses everything stands in for that cluster."""
+    service = unique_service("refuses")
+    with kombu.Connection(BROKER_URL) as connection:
+        arguments = {"x-max-length": 0, "x-overflow": "reject-publish"}
+        connection.default_channel.queue_declare(
+            f"{service}_requests", durable=False, auto_delete=False, arguments=arguments
+        )
+    gateway = stack.gateway()
+    try:
+        for deadline, within in ((10, (2.5, 5)), (1, (0.5, 1.5))):
+            started = time.monotonic()
+            refused = post(gateway, service, "/x", timeout=deadline)
+            took = time.monotonic() - started
+            assert refused.status_code == 503
+            assert refused.headers["X-ProxyMQ-Error"] == "broker-unavailable"
+            assert within[0] < took < within[1], f"deadline {deadline}: answered after {took}"
+    finally:
+        delete_queues(f"{service}_requests")
 
 
 def _depth(queue: str) -> int:
