@@ -23,10 +23,12 @@ import time
 import uuid
 from pathlib import Path
 
-import procs
+import resources
 import rpc_loop
-from procs import Procs
-from run import DEFAULT_BROKER_URL, http_status
+from run import DEFAULT_BROKER_URL, READY_TIMEOUT, http_status
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import support  # the tests' harness: processes, readiness, ports
 
 FLOOD_LINE = b"X-Flood: " + b"f" * 989 + b"\r\n"  # 1000 bytes
 HEADER_SETS = {
@@ -72,14 +74,14 @@ def measure_floods(port: int, gateway_pid: int, count: int) -> dict:
             health.append(time.monotonic() - started)
 
     checker = threading.Thread(target=check_health)
-    cpu_before = procs.tree_cpu_seconds(gateway_pid)
+    cpu_before = resources.tree_cpu_seconds(gateway_pid)
     checker.start()
     try:
         results = [flood(port) for _ in range(count)]
     finally:
         stop.set()
         checker.join()
-    cpu = procs.tree_cpu_seconds(gateway_pid) - cpu_before
+    cpu = resources.tree_cpu_seconds(gateway_pid) - cpu_before
     return {
         "seconds": [round(seconds, 3) for seconds, _ in results],
         "answers": sorted({answer.decode("latin-1") for _, answer in results}),
@@ -113,36 +115,41 @@ def measure_heads(port: int, service: str, count: int) -> dict:
     return results
 
 
-def run(args: argparse.Namespace, stack: Procs) -> dict:
+def run(args: argparse.Namespace, stack: support.Stack) -> dict:
     def env(**extra: str) -> dict[str, str]:
-        return procs.base_env(args.broker_url, **extra)
+        return {"PROXYMQ_BROKER_URL": args.broker_url, **extra}
 
     service = f"benchhead{uuid.uuid4().hex[:6]}"
     queue = f"{service}_requests"
-    stub_port, gateway_port = procs.free_port(), procs.free_port()
-    stub = stack.start("stub", [sys.executable, "bench/stub.py", "--port", str(stub_port)], env())
-    gateway = stack.start(
+    stub_port, gateway_port = support.free_port(), support.free_port()
+    stub = stack.run("stub", [sys.executable, "bench/stub.py", "--port", str(stub_port)], **env())
+    gateway = stack.run(
         "gateway",
-        [str(procs.BIN / "gunicorn"), "gateway:app", "-w", "1"],
-        env(PROXYMQ_GATEWAY_BIND=f"127.0.0.1:{gateway_port}"),
+        ["gunicorn", "gateway:app", "-w", "1"],
+        **env(PROXYMQ_GATEWAY_BIND=f"127.0.0.1:{gateway_port}"),
     )
-    worker = stack.start(
+    worker = stack.run(
         "worker",
         [
-            *(str(procs.BIN / "celery"), "-A", "workers", "worker", "-Q", queue),
+            *("celery", "-A", "workers", "worker", "-Q", queue),
             *("-n", f"{service}@%h", "--without-mingle", "--without-gossip"),
         ],
-        env(
+        **env(
             PROXYMQ_SERVICE=service,
             PROXYMQ_DOWNSTREAM_URL=f"http://127.0.0.1:{stub_port}",
-            PROXYMQ_WORKER_METRICS_PORT=str(procs.free_port()),
+            PROXYMQ_WORKER_METRICS_PORT=str(support.free_port()),
         ),
     )
     watched = [stub, gateway, worker]
     gateway_url = f"http://127.0.0.1:{gateway_port}"
-    procs.wait_until(lambda: http_status(gateway_url + "/readyz") == 200, watched, "gateway")
-    procs.wait_until(
-        lambda: rpc_loop.consumer_count(args.broker_url, queue) >= 1, watched, "worker consuming"
+    support.await_ready(
+        lambda: http_status(gateway_url + "/readyz") == 200, watched, "gateway", READY_TIMEOUT
+    )
+    support.await_ready(
+        lambda: rpc_loop.consumer_count(args.broker_url, queue) >= 1,
+        watched,
+        "worker consuming",
+        READY_TIMEOUT,
     )
     measure_heads(gateway_port, service, 5)  # warm-up
     try:
@@ -166,16 +173,16 @@ def delete_queue(url: str, queue: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="proxymq-bench-headers-"))
-    stack = Procs(log_dir)
+    stack = support.Stack(log_dir)
     load1, load5, _ = os.getloadavg()
     print(f"## large heads: {os.cpu_count()} CPUs, load {load1:.2f}/{load5:.2f}", flush=True)
     try:
         result = run(args, stack)
-    except procs.StartError as error:
+    except support.StartError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     finally:
-        stack.stop_all()
+        stack.stop()
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

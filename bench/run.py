@@ -24,16 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import load
-import procs
 import report
+import resources
 import rpc_loop
 from load import LoadResult
-from procs import Proc, Procs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import support  # the tests' harness: processes, readiness, ports
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 COMPARE_CONCURRENCY = (64, 1)
 BATCH_ENV = {"PROXYMQ_BATCH_URL": "{stub}/batch", "PROXYMQ_BATCH_SIZE": "16"}
 PROBE_BODY = b'{"probe": true}'
+READY_TIMEOUT = 60  # seconds for a process to answer; the machine is loaded
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -123,13 +126,13 @@ class Stack:
     """The processes of one run and how to reach them."""
 
     args: argparse.Namespace
-    procs: Procs
-    stub: Proc | None = None
+    procs: support.Stack
+    stub: support.Process | None = None
     stub_url: str = ""
-    gateway: Proc | None = None
+    gateway: support.Process | None = None
     gateway_url: str = ""
-    workers: list[Proc] = field(default_factory=list)
-    responder: Proc | None = None
+    workers: list[support.Process] = field(default_factory=list)
+    responder: support.Process | None = None
     responder_queue: str = ""
 
     @property
@@ -149,24 +152,25 @@ class Stack:
         return f"{self.gateway_url}/{self.floor_service}/echo"
 
     def env(self, **extra: str) -> dict[str, str]:
-        return procs.base_env(self.args.broker_url, **extra)
+        """The environment a process gets on top of ``support.base_env``: this run's broker."""
+        return {"PROXYMQ_BROKER_URL": self.args.broker_url, **extra}
 
     def start_stub(self, cost_model: bool) -> None:
-        port = procs.free_port()
+        port = support.free_port()
         command = [sys.executable, "bench/stub.py", "--port", str(port)]
         if cost_model:
             command += ["--cost-ms", str(self.args.cost_ms)]
             command += ["--cost-per-item-ms", str(self.args.cost_per_item_ms)]
-        self.stub = self.procs.start("stub", command, self.env())
+        self.stub = self.procs.run("stub", command, **self.env())
         self.stub_url = f"http://127.0.0.1:{port}"
-        procs.wait_until(lambda: stub_stats(self.stub_url) is not None, [self.stub], "stub", 20)
+        support.await_ready(lambda: stub_stats(self.stub_url) is not None, [self.stub], "stub", 20)
 
     def start_gateway(self) -> None:
         """Start gunicorn; readiness is awaited in ``wait_path_ready``."""
-        port = procs.free_port()
-        command = [str(procs.BIN / "gunicorn"), "gateway:app", "-w", str(self.args.gateway_procs)]
+        port = support.free_port()
+        command = ["gunicorn", "gateway:app", "-w", str(self.args.gateway_procs)]
         env = self.env(PROXYMQ_GATEWAY_BIND=f"127.0.0.1:{port}")
-        self.gateway = self.procs.start("gateway", command, env)
+        self.gateway = self.procs.run("gateway", command, **env)
         self.gateway_url = f"http://127.0.0.1:{port}"
 
     def start_workers(self, extra_env: dict[str, str]) -> None:
@@ -174,34 +178,31 @@ class Stack:
         port, or a second one would clash with the first."""
         for index in range(self.args.workers):
             node = f"bench{index}-{uuid.uuid4().hex[:6]}@%h"
-            command = [str(procs.BIN / "celery"), "-A", "workers", "worker", "-Q", self.queue]
+            command = ["celery", "-A", "workers", "worker", "-Q", self.queue]
             command += ["--without-mingle", "--without-gossip", "-n", node]
             env = self.env(
                 PROXYMQ_SERVICE=self.args.service,
                 PROXYMQ_DOWNSTREAM_URL=self.stub_url,
-                PROXYMQ_WORKER_METRICS_PORT=str(procs.free_port()),
+                PROXYMQ_WORKER_METRICS_PORT=str(support.free_port()),
                 **{key: value.replace("{stub}", self.stub_url) for key, value in extra_env.items()},
             )
-            self.workers.append(self.procs.start("worker", command, env))
+            self.workers.append(self.procs.run("worker", command, **env))
 
     def stop_workers(self) -> None:
         for worker in self.workers:
-            self.procs.stop(worker)
+            self.procs.stop_process(worker)
         self.workers = []
 
     def wait_path_ready(self) -> None:
         """Gateway /readyz, every worker consuming, then one request through answering 200."""
         assert self.gateway is not None
         everything = [self.gateway, *self.workers]
-        procs.wait_until(
-            lambda: http_status(self.gateway_url + "/readyz") == 200, everything, "gateway /readyz"
-        )
-        procs.wait_until(
-            lambda: self._consumers() >= len(self.workers), everything, "workers consuming"
-        )
-        procs.wait_until(
-            lambda: http_status(self.service_url, PROBE_BODY) == 200, everything, "gateway path"
-        )
+        for condition, what in (
+            (lambda: http_status(self.gateway_url + "/readyz") == 200, "gateway /readyz"),
+            (lambda: self._consumers() >= len(self.workers), "workers consuming"),
+            (lambda: http_status(self.service_url, PROBE_BODY) == 200, "gateway path"),
+        ):
+            support.await_ready(condition, everything, what, READY_TIMEOUT)
 
     def _consumers(self) -> int:
         return rpc_loop.consumer_count(self.args.broker_url, self.queue)
@@ -214,13 +215,16 @@ class Stack:
         """A no-op worker on its own service: the gateway's ceiling with a free worker."""
         self._serve("no-op-worker", f"{self.floor_service}_requests", "--envelope")
 
-    def _serve(self, name: str, queue: str, *extra: str) -> Proc:
+    def _serve(self, name: str, queue: str, *extra: str) -> support.Process:
         """``rpc_loop.py serve`` on ``queue``, once it consumes."""
         command = [sys.executable, "bench/rpc_loop.py", "serve", "--queue", queue, *extra]
         command += ["--broker-url", self.args.broker_url]
-        proc = self.procs.start(name, command, self.env())
-        procs.wait_until(
-            lambda: rpc_loop.consumer_count(self.args.broker_url, queue) > 0, [proc], name
+        proc = self.procs.run(name, command, **self.env())
+        support.await_ready(
+            lambda: rpc_loop.consumer_count(self.args.broker_url, queue) > 0,
+            [proc],
+            name,
+            READY_TIMEOUT,
         )
         return proc
 
@@ -249,14 +253,14 @@ class Measured:
         return 1000 * self.cpu_s[name] / self.load.requests if self.load.requests else float("nan")
 
 
-def cpu_snapshot(trees: dict[str, list[Proc]]) -> dict[str, float]:
+def cpu_snapshot(trees: dict[str, list[support.Process]]) -> dict[str, float]:
     return {
-        name: sum(procs.tree_cpu_seconds(proc.pid) for proc in group)
+        name: sum(resources.tree_cpu_seconds(proc.pid) for proc in group)
         for name, group in trees.items()
     }
 
 
-def measured(trees: dict[str, list[Proc]], run: Callable[[], LoadResult]) -> Measured:
+def measured(trees: dict[str, list[support.Process]], run: Callable[[], LoadResult]) -> Measured:
     """Run a load and the CPU each process tree spent during it (psutil user+system)."""
     before = cpu_snapshot(trees)
     result = run()
@@ -278,11 +282,11 @@ def measure_gateway(stack: Stack, concurrency: int) -> Measured:
 def measure_rpc(stack: Stack, concurrency: int) -> Measured:
     """The RPC loop; its CPU is the client's own (reported) plus the responder's."""
     assert stack.responder is not None
-    before = procs.tree_cpu_seconds(stack.responder.pid)
+    before = resources.tree_cpu_seconds(stack.responder.pid)
     run = load.run_rpc_client(
         stack.args.broker_url, stack.responder_queue, concurrency, stack.args.duration
     )
-    responder_cpu = procs.tree_cpu_seconds(stack.responder.pid) - before
+    responder_cpu = resources.tree_cpu_seconds(stack.responder.pid) - before
     return Measured(run.result, {"rpc_loop": responder_cpu + run.client_cpu_s})
 
 
@@ -351,8 +355,8 @@ def one_concurrency(stack: Stack, concurrency: int) -> dict:
     }
 
 
-def rss_mb(group: list[Proc]) -> float:
-    return sum(procs.tree_rss_bytes(proc.pid) for proc in group) / 2**20
+def rss_mb(group: list[support.Process]) -> float:
+    return sum(resources.tree_rss_bytes(proc.pid) for proc in group) / 2**20
 
 
 def run_standard(stack: Stack) -> dict:
@@ -480,7 +484,7 @@ def header(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="proxymq-bench-"))
-    stack = Stack(args, Procs(log_dir))
+    stack = Stack(args, support.Stack(log_dir))
     print(header(args), flush=True)
     print(f"logs: {log_dir}", flush=True)
     try:
@@ -489,11 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; stopping the stack", file=sys.stderr)
         return 130
-    except (procs.StartError, load.LoadError) as error:
+    except (support.StartError, load.LoadError) as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     finally:
-        stack.procs.stop_all()
+        stack.procs.stop()
     text = (
         report.compare_batch_report(results)
         if args.compare_batch

@@ -10,7 +10,7 @@ request, RabbitMQ's included (the Erlang VMs of the broker in use), because on a
 machine the sum is what caps throughput. Configurations, in this order:
 
 1. the machine's RabbitMQ, a classic queue: G x W = 1x1 (the baseline), 2x1, 1x2, 2x2;
-2. a three-node cluster of the script's own (tests/stack.py's ``PrivateCluster``), 2x2,
+2. a three-node cluster of the script's own (tests/support's ``PrivateCluster``), 2x2,
    the workers on node 0 (they declare the queue, so a quorum queue's leader is there):
    a classic queue, a quorum queue with the gateways on node 0 too, and a quorum queue
    with the gateways on node 1 (each request then crosses nodes on its way in);
@@ -30,13 +30,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import procs
 import psutil
+import resources
 import run
-from procs import Procs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from stack import PrivateCluster  # the tests' own cluster, not a copy of it
+import support  # the tests' own harness (and cluster), not a copy of it
 
 LOCAL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -76,7 +75,7 @@ def broker_pids(url: str) -> list[int]:
 
 
 def cpu_of(pids: list[int]) -> float:
-    return sum(procs.tree_cpu_seconds(pid) for pid in pids)
+    return sum(resources.tree_cpu_seconds(pid) for pid in pids)
 
 
 def measure(config: Config, options: argparse.Namespace, broker: list[int], logs: Path) -> dict:
@@ -89,7 +88,7 @@ def measure(config: Config, options: argparse.Namespace, broker: list[int], logs
     args = run.parse_args(argv)
     log_dir = logs / f"{len(list(logs.iterdir())):02d}"
     log_dir.mkdir()
-    stack = run.Stack(args, Procs(log_dir))
+    stack = run.Stack(args, support.Stack(log_dir))
     try:
         stack.start_stub(cost_model=False)
         stack.start_workers(dict(args.worker_env))
@@ -105,7 +104,7 @@ def measure(config: Config, options: argparse.Namespace, broker: list[int], logs
         )
         broker_s = cpu_of(broker) - broker_before
     finally:
-        stack.procs.stop_all()
+        stack.procs.stop()
     per_request = 1000 / result.load.requests if result.load.requests else float("nan")
     return {
         "config": config.name,
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows = [measure(config, options, local, logs) for config in single]
     if not options.no_cluster:
-        cluster = PrivateCluster(3)
+        cluster = support.PrivateCluster(3)
         try:
             cluster.start()
             nodes = [node.vm_pid for node in cluster.nodes]

@@ -25,10 +25,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import procs
 import rpc_loop
-from procs import Procs
-from run import DEFAULT_BROKER_URL, http_status, log_problems, signals_interrupt
+from run import DEFAULT_BROKER_URL, READY_TIMEOUT, http_status, log_problems, signals_interrupt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import support  # the tests' harness: processes, readiness, ports
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -227,49 +228,55 @@ def report(result: dict, args: argparse.Namespace) -> str:
 # -- the run --------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, stack: Procs) -> dict:
+def run(args: argparse.Namespace, stack: support.Stack) -> dict:
     def env(**extra: str) -> dict[str, str]:
-        return procs.base_env(args.broker_url, **extra)
+        return {"PROXYMQ_BROKER_URL": args.broker_url, **extra}
 
-    stub_port, gateway_port = procs.free_port(), procs.free_port()
-    stub = stack.start(
-        "sse-stub", [sys.executable, "bench/sse_stub.py", "--port", str(stub_port)], env()
+    stub_port, gateway_port = support.free_port(), support.free_port()
+    stub = stack.run(
+        "sse-stub", [sys.executable, "bench/sse_stub.py", "--port", str(stub_port)], **env()
     )
-    procs.wait_until(
+    support.await_ready(
         lambda: http_status(f"http://127.0.0.1:{stub_port}/") == 200, [stub], "sse stub", 20
     )
-    gateway = stack.start(
+    gateway = stack.run(
         "gateway",
-        [str(procs.BIN / "gunicorn"), "gateway:app", "-w", "1"],
-        env(PROXYMQ_GATEWAY_BIND=f"127.0.0.1:{gateway_port}"),
+        ["gunicorn", "gateway:app", "-w", "1"],
+        **env(PROXYMQ_GATEWAY_BIND=f"127.0.0.1:{gateway_port}"),
     )
     queue = f"{args.service}_requests"
     node = f"benchsse-{uuid.uuid4().hex[:6]}@%h"
-    worker = stack.start(
+    worker = stack.run(
         "worker",
         [
-            *(str(procs.BIN / "celery"), "-A", "workers", "worker", "-Q", queue, "-n", node),
+            *("celery", "-A", "workers", "worker", "-Q", queue, "-n", node),
             *("--without-mingle", "--without-gossip"),
         ],
-        env(
+        **env(
             PROXYMQ_SERVICE=args.service,
             PROXYMQ_DOWNSTREAM_URL=f"http://127.0.0.1:{stub_port}",
-            PROXYMQ_WORKER_METRICS_PORT=str(procs.free_port()),
+            PROXYMQ_WORKER_METRICS_PORT=str(support.free_port()),
         ),
     )
     watched = [stub, gateway, worker]
     gateway_url = f"http://127.0.0.1:{gateway_port}"
-    procs.wait_until(lambda: http_status(gateway_url + "/readyz") == 200, watched, "gateway")
-    procs.wait_until(
-        lambda: rpc_loop.consumer_count(args.broker_url, queue) >= 1, watched, "worker consuming"
+    support.await_ready(
+        lambda: http_status(gateway_url + "/readyz") == 200, watched, "gateway", READY_TIMEOUT
+    )
+    support.await_ready(
+        lambda: rpc_loop.consumer_count(args.broker_url, queue) >= 1,
+        watched,
+        "worker consuming",
+        READY_TIMEOUT,
     )
     path = f"/sse?events={args.events}&gap_ms={args.gap_ms:g}"
     gateway_path = f"/{args.service}{path}"
     probe = "/sse?events=2&gap_ms=1"
-    procs.wait_until(
+    support.await_ready(
         lambda: read_stream("127.0.0.1", gateway_port, f"/{args.service}{probe}").status == 200,
         watched,
         "a stream through the gateway",
+        READY_TIMEOUT,
     )
     # warm-up: one of each, not counted
     read_stream("127.0.0.1", stub_port, path)
@@ -285,7 +292,7 @@ def run(args: argparse.Namespace, stack: Procs) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="proxymq-bench-stream-"))
-    stack = Procs(log_dir)
+    stack = support.Stack(log_dir)
     load1, load5, _ = os.getloadavg()
     print(
         f"## ProxyMQ streaming benchmark: {os.cpu_count()} CPUs, "
@@ -299,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; stopping the stack", file=sys.stderr)
         return 130
-    except procs.StartError as error:
+    except support.StartError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     finally:
-        stack.stop_all()
+        stack.stop()
     problems = log_problems(log_dir)
     print(report(result, args))
     print("\nlog problems: " + ("; ".join(problems) if problems else "none"))

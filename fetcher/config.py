@@ -1,11 +1,11 @@
 """The fetcher's settings: read from the environment once, validated, frozen.
 
-The variables are parsed by ``proxymq.config``'s parsers, so the fetcher, the gateway and
+The variables are parsed by ``proxymq.parsers``, so the fetcher, the gateway and
 the workers follow one rule set (stripped values, blank is an error, plain digits,
 ``true``/``false`` only) and give errors of one shape: a ``ConfigError`` whose ``str()``
 is one line, ``VARIABLE: problem (got '...')``.
 
-This module and ``proxymq.config`` import nothing but the standard library on purpose:
+This module and ``proxymq.parsers`` import nothing but the standard library on purpose:
 ``gunicorn.conf.py`` calls ``FetcherConfig.from_env`` in the master before it forks, and
 importing Flask, requests or ssl there would happen before gevent patches the workers.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxymq.config import (
+from proxymq.parsers import (
     ConfigError,
     bind_address,
     boolean,

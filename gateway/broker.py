@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from urllib.parse import urlsplit
 
 import amqp
@@ -25,16 +26,19 @@ import kombu
 from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
 
+from gateway.liveness import WorkerWatch
 from gateway.refusals import Refusals, StillRefused
 from gateway.replies import ReplyRouter
-from gateway.streams import ABORTED, ENDED, Stream
-from proxymq.config import broker_urls
-from proxymq.confirms import ACK, LOST, NACK, ConfirmTracker, Ticket
+from gateway.service_state import ServiceStates
+from gateway.streams import ABORTED, ENDED, WORKER_GONE, Stream
+from proxymq.confirms import ACK, LOST, NACK, RETURNED, ConfirmTracker, Ticket
 from proxymq.envelope import HEAD, StreamPart, cancel_headers, is_cancel_queue
+from proxymq.parsers import broker_urls
 
 log = logging.getLogger(__name__)
 
 DEPTH_TIMEOUT = 2.0  # seconds for the passive declare that tells a full queue
+PROBE_TIMEOUT = 2.0  # seconds for a stream's worker probe to be confirmed or returned
 
 
 class BrokerUnavailable(Exception):
@@ -82,9 +86,11 @@ class BrokerLink:
         self.replies = ReplyRouter(stream_buffer_bytes)
         self.reply_queue: str | None = None
         # Queues that confirmed a publish: they exist, so their names are safe metric
-        # labels (a name any client can invent is not).
+        # labels (a name any client can invent is not). So are those a worker announced.
         self.known_queues: set[str] = set()
+        self.status = ServiceStates(reply_users, self.known_queues)
         self._refusals = Refusals(self._depth)
+        self._watch = WorkerWatch(self.probe, self.replies.open_streams)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -130,6 +136,7 @@ class BrokerLink:
         confirms = ConfirmTracker(connection.connection)
         queue, _, _ = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply)
+        self.status.listen(connection.connection)
         self.reply_queue = queue
         self._confirms = confirms
         self._ready.set()
@@ -276,15 +283,9 @@ class BrokerLink:
         to the node the link is on: a declare's answer on the link's connection would
         reach its reader, and a refusal (404) would close the channel under it. None
         when the broker does not say."""
-        index = self._current
-        if index is None:
+        connection = self._side_connection(DEPTH_TIMEOUT)
+        if connection is None:
             return None
-        connection = kombu.Connection(
-            self._urls[index],
-            heartbeat=0,
-            connect_timeout=DEPTH_TIMEOUT,
-            ssl=self._ssl[index] if self._ssl else False,
-        )
         try:
             with gevent.Timeout(DEPTH_TIMEOUT):
                 connection.connect()
@@ -296,6 +297,19 @@ class BrokerLink:
         finally:
             with contextlib.suppress(Exception):
                 connection.release()
+
+    def _side_connection(self, timeout: float) -> kombu.Connection | None:
+        """A connection (not yet made) of its own to the node the link is on, for
+        declares whose answers must not reach the link's reader; None unconnected."""
+        index = self._current
+        if index is None:
+            return None
+        return kombu.Connection(
+            self._urls[index],
+            heartbeat=0,
+            connect_timeout=timeout,
+            ssl=self._ssl[index] if self._ssl else False,
+        )
 
     def _write(self, confirms, routing_key, message, settled, timeout) -> Ticket:
         """Under the write lock: publish, bounded in time."""
@@ -334,18 +348,33 @@ class BrokerLink:
             self.replies.deliver(correlation_id, message.body)
         elif part.kind != HEAD:
             self.replies.feed(correlation_id, part, message.body)
-        elif not self.replies.start_stream(
-            correlation_id, message.body, part.stream_id, part.cancel_to
-        ):
-            # nobody reads it: stop the worker
+        elif self.replies.start_stream(correlation_id, message.body, part):
+            self._watch.watch()  # while it is open, is its worker still there?
+        else:  # nobody reads it: stop the worker
             self.cancel(part.cancel_to, correlation_id, part.stream_id)
 
     def end_stream(self, correlation_id: str, stream: Stream) -> None:
-        """A stream's answer is over; unless it ended (or the worker stopped it), ask
-        the worker to stop calling the downstream."""
+        """A stream's answer is over; unless it ended (or the worker stopped it, or is
+        gone), ask the worker to stop calling the downstream."""
         self.replies.end_stream(correlation_id)
-        if stream.state not in (ENDED, ABORTED):
+        if stream.state not in (ENDED, ABORTED, WORKER_GONE):
             self.cancel(stream.cancel_to, correlation_id, stream.id)
+
+    def probe(self, queue: str) -> bool | None:
+        """Whether a worker's cancel queue is there (``gateway.liveness``): an empty
+        message naming no stream, mandatory and confirmed. False when the broker returns
+        it (no such queue), True when it confirms it, None when nothing tells."""
+        if not is_cancel_queue(queue):
+            return None
+        # A correlation id of its own: the tracker tells a return by it.
+        properties = {"correlation_id": f"probe-{uuid.uuid4()}"}
+        if self._connection is not None:
+            properties["user_id"] = self._connection.userid
+        try:
+            outcome = self._publish(queue, amqp.Message(b"", **properties), {}, PROBE_TIMEOUT)
+        except (BrokerUnavailable, gevent.Timeout):
+            return None
+        return {ACK: True, RETURNED: False}.get(outcome)
 
     def cancel(self, queue: str, correlation_id: str | None, stream_id: str) -> None:
         """Send a stream's cancel to the worker's cancel queue; best effort (a worker

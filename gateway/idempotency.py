@@ -3,8 +3,8 @@
 The first request with a key claims it (``proxymq.idempotency``) and goes on as any
 other; when it gets the downstream's answer it stores it under the key, and the claim is
 done. A repeat (same credentials, same key: ``proxymq.idempotency.scope``; a client
-without any shares the anonymous scope, whose replays never carry ``Set-Cookie``) finds
-the claim: with another fingerprint it
+without any shares the anonymous scope, whose replays never carry ``Set-Cookie`` nor
+a job's id: 409 ``anonymous-job-replay``) finds the claim: with another fingerprint it
 is refused with 422 ``idempotency-key-reused``; done, it gets the stored answer with
 ``Idempotent-Replayed: true``; still running, it polls the record until it is done (or
 released: then it claims the key itself), at most its own wait. The result store out
@@ -30,11 +30,9 @@ import redis
 from gevent.event import Event
 
 from gateway import errors, metrics
-from gateway.answers import Answer
-from gateway.controls import REPLAYED_HEADER
-from gateway.incoming import header
+from gateway.answers import Answer, replayed
+from gateway.streams import OPEN, Stream
 from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply
-from proxymq.headers import Headers
 from proxymq.idempotency import (
     ANONYMOUS,
     DONE,
@@ -46,8 +44,9 @@ from proxymq.idempotency import (
 )
 
 if TYPE_CHECKING:
-    from gateway.proxy import Gateway
+    from gateway.process import Gateway
     from gateway.replies import ReplyRouter
+    from gateway.request import ProxyRequest
 
 log = logging.getLogger(__name__)
 
@@ -58,52 +57,56 @@ LEASE_MARGIN = 10.0
 _POLL_FIRST, _POLL_MAX = 0.02, 0.25
 
 
-def reused() -> errors.GatewayError:
-    return errors.GatewayError(
-        422,
-        "idempotency-key-reused",
-        "this Idempotency-Key was used for a different request (method, path or body)",
-    )
-
-
-def unavailable() -> errors.GatewayError:
-    return errors.GatewayError(
-        501,
-        "idempotency-unavailable",
-        "Idempotency-Key needs PROXYMQ_RESULT_URL on the gateway",
-    )
-
-
-def store_unavailable() -> errors.GatewayError:
-    return errors.GatewayError(
-        503, "result-store-unavailable", "the result store cannot be reached", 5
-    )
-
-
 class Once:
     """One request's hold on its key: ``begin``; then ``keep_reply`` or ``keep_job``
-    (its answer), ``keep_alive`` until ``release`` (a stream), or ``fail``."""
+    (its answer), ``keep_alive`` until ``release`` (a stream), or ``fail``.
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        envelope: RequestEnvelope,
-        key: str,
-        headers: Headers,
-        correlation_id: str,
-        label: Callable[[], str],
-    ) -> None:
-        if gateway.idempotency is None:
-            raise unavailable()
-        self._store: IdempotencyStore = gateway.idempotency
-        credential = header(headers, gateway.config.job_auth_header)
-        self._scope = scope(credential, header(headers, "Cookie"))
-        self._claim = Claim.of(self._scope, key, fingerprint(envelope))
-        self._correlation_id = correlation_id
-        self._label = label
+    A synchronous call holds it as a context manager (``with Once(...) as once``): the
+    block sets ``outcome`` and leaving it settles the key, so the call's path goes into
+    the key once, and out, and the error path needs no handler of its own."""
+
+    def __init__(self, gateway: Gateway, envelope: RequestEnvelope, request: ProxyRequest) -> None:
+        """A hold on ``request``'s key; none (every step a no-op) for a request without
+        one. 501 when this gateway has no result store."""
+        self.held = self.anonymous = False
+        self.record: Record | None = None  # what a repeat replays (``begin``)
+        # What the ``with`` block got (``exchange``'s reply and stream): what is kept.
+        self.outcome: tuple[ReplyEnvelope, Stream | None] | None = None
+        self._request = request  # its wait, and its metric label when a repeat is counted
+        self._replies = gateway.link.replies
         self._lease = self._expires = 0.0
+        if request.idempotency_key is None:
+            return  # every synchronous call makes one: nothing more for most of them
         self._settled = Event()
-        self.held = False
+        if gateway.idempotency is None:
+            raise errors.IDEMPOTENCY_UNAVAILABLE(
+                "Idempotency-Key needs PROXYMQ_RESULT_URL on the gateway"
+            )
+        self._store: IdempotencyStore = gateway.idempotency
+        self._correlation_id = request.correlation_id
+        self._scope = scope(request.credential, request.cookie)
+        self.anonymous = self._scope == ANONYMOUS
+        self._claim = Claim.of(self._scope, request.idempotency_key, fingerprint(envelope))
+
+    def __enter__(self) -> Once:
+        """A synchronous call's hold: ``record`` is set when the call is a repeat to
+        replay; else the call goes on and sets ``outcome``, which the key keeps."""
+        if self._request.idempotency_key is not None:
+            self.record = self.begin(self._request.wait)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Settle the key as the block ended: its reply kept, a stream's claim renewed
+        while it runs (``release`` at its end), an error let go or, for a timeout, held
+        for the late reply (``fail``)."""
+        if error is not None:
+            self.fail(error, self._replies)
+        elif self.outcome is not None:
+            reply, stream = self.outcome
+            if stream is None:
+                self.keep_reply(reply)
+            else:
+                self.keep_alive(lambda: stream.state == OPEN)
 
     def begin(self, wait: float) -> Record | None:
         """None: the key is this request's now (for ``wait`` + ``LEASE_MARGIN`` seconds),
@@ -120,30 +123,39 @@ class Once:
                     return None
                 record = self._store.get(self._claim)
             except redis.RedisError:
-                raise store_unavailable() from None
+                raise errors.result_store_unavailable() from None
             if record is not None and record.fp != self._claim.fp:
-                raise reused()
+                raise errors.IDEMPOTENCY_KEY_REUSED(
+                    "this Idempotency-Key was used for a different request (method, path or body)"
+                )
             if record is not None and record.state == DONE:
-                metrics.idempotent_replays_total.labels(self._label()).inc()
+                self._check_replayable(record)
+                metrics.idempotent_replays_total.labels(self._request.label).inc()
                 return record
             if record is None:
                 pass  # released or expired just now: claim it after the pause
             elif not waited:
                 waited = True
-                metrics.idempotent_waits_total.labels(self._label()).inc()
+                metrics.idempotent_waits_total.labels(self._request.label).inc()
             if time.monotonic() >= give_up:
                 raise errors.timeout(wait)
             gevent.sleep(interval)
             interval = min(interval * 1.5, _POLL_MAX)
 
+    def _check_replayable(self, record: Record) -> None:
+        """A job's replay is its id, and an anonymous job is read by whoever holds its
+        id: in the anonymous scope, which every client without a credential shares, the
+        id would go to anyone who sends the key. So such a repeat is refused (409),
+        whatever it asks for (the 202, the answer with ``Prefer: wait``, or no job)."""
+        if record.job_id is not None and self._scope == ANONYMOUS:
+            raise errors.ANONYMOUS_JOB_REPLAY(
+                "this Idempotency-Key submitted a job without a credential: its repeat without"
+                " one is refused, as the job's id would reach whoever sends the key"
+            )
+
     def replayed(self, answer: Answer) -> Answer:
-        """A repeat's answer, marked as a replay. The anonymous scope is every client that
-        presented no credential, so its replays leave ``Set-Cookie`` out: a session the
-        first call opened belongs to its caller alone."""
-        if self._scope == ANONYMOUS:
-            answer.headers = [(n, v) for n, v in answer.headers if n.lower() != "set-cookie"]
-        answer.headers.append((REPLAYED_HEADER, "true"))
-        return answer
+        """A repeat's answer, marked as a replay (``answers.replayed``)."""
+        return replayed(answer, self.anonymous)
 
     def keep_reply(self, reply: ReplyEnvelope) -> None:
         """The first answer: kept when it is the downstream's, else the key is let go."""
@@ -180,7 +192,8 @@ class Once:
         until the lease runs out. Any other error: the request was not sent, or its
         call was answered: the key is let go."""
         left = self._expires - time.monotonic()
-        if isinstance(error, errors.GatewayError) and error.code == "timeout" and left > 0:
+        timed_out = isinstance(error, errors.GatewayError) and error.code == errors.TIMEOUT.code
+        if timed_out and left > 0:
             if self.held:
                 replies.expect_late(self._correlation_id, self._late, left)
             return

@@ -8,92 +8,65 @@ finds it.
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import gevent
 import redis
 
-from gateway import controls, errors, idempotency, incoming, metrics
-from gateway.answers import Answer, json_answer, reply_answer
+from gateway import errors, idempotency, metrics
+from gateway.answers import Answer, job_accepted, json_answer, reply_answer
 from gateway.broker import BrokerUnavailable
-from gateway.outgoing import envelope_of, publish
+from gateway.outgoing import publish
+from gateway.request import ProxyRequest
+from gateway.service_state import ServiceStates
+from proxymq.envelope import RequestEnvelope
 from proxymq.jobs import CANCELLED, DONE, QUEUED, Job, JobStore, new_job_id, owner_hash
 
 if TYPE_CHECKING:
-    from gateway.proxy import Gateway
+    from gateway.process import Gateway
 
 PUBLISH_TIMEOUT = 10.0
 
 
-def callback_url(headers: incoming.Headers) -> str | None:
-    url = incoming.header(headers, incoming.CALLBACK_HEADER)
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise errors.bad_request(f"{incoming.CALLBACK_HEADER} must be an http or https URL")
-    return url
-
-
-def store_unavailable() -> errors.GatewayError:
-    return errors.GatewayError(
-        503, "result-store-unavailable", "the result store cannot be reached", 5
-    )
-
-
 def unknown_job() -> errors.GatewayError:
-    return errors.GatewayError(404, "unknown-job", "no such job")
+    return errors.UNKNOWN_JOB("no such job")
 
 
-def submit(
-    gateway: Gateway,
-    request: incoming.ClientRequest,
-    correlation_id: str,
-    key: str | None = None,
-) -> Answer:
+def submit(gateway: Gateway, request: ProxyRequest, envelope: RequestEnvelope) -> Answer:
     """Record the job, publish it (confirmed), answer 202 with its location; with
     ``Prefer: wait=<s>``, the answer itself if it is ready within that time.
 
     The job id is made here and answered here, and goes nowhere else (``proxymq.jobs``).
     With an ``Idempotency-Key`` the job is submitted once: a repeat gets the same job.
+    (``request.read`` refused the job already when this gateway has no result store.)
     """
-    store, config = gateway.store, gateway.config
-    if store is None:
-        raise errors.GatewayError(
-            501, "async-unavailable", "asynchronous jobs need PROXYMQ_RESULT_URL on the gateway"
-        )
-    callback = callback_url(request.headers)
-    envelope = envelope_of(request, config.job_timeout, config, job=True, callback=callback)
-    credential = incoming.header(request.headers, config.job_auth_header)
-    wait = controls.preferred_wait(request.headers, config.reply_timeout)
     once = None
-    if key is not None:
-        label = functools.partial(metrics.label, request.service, config, gateway.link.known_queues)
-        once = idempotency.Once(gateway, envelope, key, request.headers, correlation_id, label)
+    if request.idempotency_key is not None:
+        once = idempotency.Once(gateway, envelope, request)
         record = once.begin(PUBLISH_TIMEOUT)
         if record is not None:
             return once.replayed(replay(gateway, record, request))
     try:
-        job_id = _publish(gateway, envelope, correlation_id, owner_hash(credential))
+        job_id = _publish(gateway, envelope, request.correlation_id, owner_hash(request.credential))
     except BaseException:
         if once is not None:
             once.release()
         raise
     if once is not None:
         once.keep_job(job_id)
-    return _accepted(gateway, job_id, correlation_id, request.service, wait)
+    return _accepted(gateway, job_id, request.correlation_id, request)
 
 
 def _publish(gateway: Gateway, envelope, correlation_id: str, owner: str) -> str:
     store = gateway.store
     job_id = new_job_id()
+    wait = gateway.link.status.wait(envelope.service)  # the service's announced state
+    eta_at = None if wait is None else time.time() + wait
     try:
-        store.create(job_id, correlation_id, envelope.service, owner, envelope.deadline)
+        store.create(job_id, correlation_id, envelope.service, owner, envelope.deadline, eta_at)
     except redis.RedisError:
-        raise store_unavailable() from None
+        raise errors.result_store_unavailable() from None
     try:
         publish(gateway.link, envelope, correlation_id, PUBLISH_TIMEOUT, reply_to=None)
     except (BrokerUnavailable, gevent.Timeout) as exc:
@@ -106,26 +79,14 @@ def _publish(gateway: Gateway, envelope, correlation_id: str, owner: str) -> str
     return job_id
 
 
-def _accepted(
-    gateway: Gateway, job_id: str, correlation_id: str, service: str, wait: float | None
-) -> Answer:
-    """202 with the job's location; first, up to ``wait`` seconds for its answer."""
-    if wait is not None:
-        reply = _await(gateway.store, job_id, wait)
+def _accepted(gateway: Gateway, job_id: str, correlation_id: str, request: ProxyRequest) -> Answer:
+    """202 with the job's location; first, up to ``Prefer: wait`` seconds for its answer."""
+    if request.preferred_wait is not None:
+        reply = _await(gateway.store, job_id, request.preferred_wait)
         if reply is not None:
             return reply_answer(reply, correlation_id, "GET")
-        label = metrics.label(service, gateway.config, gateway.link.known_queues)
-        metrics.async_fallbacks_total.labels(label).inc()
-    location = f"/jobs/{job_id}"
-    return json_answer(
-        202,
-        {"id": job_id, "status": QUEUED, "location": location},
-        [
-            ("Location", location),
-            ("X-Correlation-ID", correlation_id),
-            ("Preference-Applied", "respond-async"),
-        ],
-    )
+        metrics.async_fallbacks_total.labels(request.label).inc()
+    return job_accepted(job_id, correlation_id)
 
 
 def _await(store: JobStore, job_id: str, wait: float):
@@ -149,30 +110,51 @@ def _await(store: JobStore, job_id: str, wait: float):
         interval = min(interval * 1.5, 0.25)
 
 
-def replay(gateway: Gateway, record, request: incoming.ClientRequest) -> Answer:
+def replay(gateway: Gateway, record, request: ProxyRequest) -> Answer:
     """A repeat's answer (``Idempotency-Key``): the first one's stored answer, or the
-    same job it submitted (waited for as ``Prefer: wait`` asks); ``Once.replayed``
-    marks it."""
+    same job it submitted (waited for as ``Prefer: wait`` asks, when the repeat asks for
+    a job); ``Once.replayed`` marks it."""
     if record.reply is not None:
-        answer = reply_answer(record.reply, record.correlation_id, request.method)
-    else:
-        wait = None
-        if incoming.wants_async(request.headers):
-            wait = controls.preferred_wait(request.headers, gateway.config.reply_timeout)
-        cid, service = record.correlation_id, request.service
-        answer = _accepted(gateway, record.job_id, cid, service, wait)
-    return answer
+        return reply_answer(record.reply, record.correlation_id, request.method)
+    return _accepted(gateway, record.job_id, record.correlation_id, request)
 
 
-def poll(store: JobStore | None, job_id: str, credential: str | None) -> Answer:
-    """202 while pending; then the answer exactly as the synchronous call would give it."""
+def poll(
+    store: JobStore | None,
+    job_id: str,
+    credential: str | None,
+    states: ServiceStates | None = None,
+) -> Answer:
+    """202 while pending (a queued job with its estimated start, ``eta_seconds``, when
+    ``states`` tells one); then the answer exactly as the synchronous call would give it.
+
+    A header about the job itself (its callback's state, say) is added to both answers
+    here, from ``job``: ``reply_answer`` keeps the downstream's own X-ProxyMQ-* out."""
     job = _owned(store, job_id, credential)
     if job.status == DONE and job.reply is not None:
-        return reply_answer(job.reply, job.correlation_id, "GET")
+        answer = reply_answer(job.reply, job.correlation_id, "GET")
+        if job.callback is not None:  # how its callback went (workers/callbacks.py)
+            answer.headers.append(("X-ProxyMQ-Callback-State", job.callback))
+        return answer
     if job.expired:
-        raise errors.GatewayError(504, "timeout", "the job did not finish before its deadline")
+        raise errors.TIMEOUT("the job did not finish before its deadline")
     headers = [("X-Correlation-ID", job.correlation_id)]
-    return json_answer(202, {"id": job_id, "status": job.status}, headers)
+    body: dict = {"id": job_id, "status": job.status}
+    if job.status == QUEUED and states is not None:
+        eta = _eta(job, states)
+        if eta is not None:
+            body["eta_seconds"] = eta
+    return json_answer(202, body, headers)
+
+
+def _eta(job: Job, states: ServiceStates) -> float | None:
+    """Seconds until a queued job starts: what was estimated when it was submitted, less
+    the time since, and never more than the whole queue's wait now (the queue may drain
+    faster than it did); None when neither is known."""
+    now_wait = states.wait(job.service)
+    left = None if job.eta_at is None else max(0.0, job.eta_at - time.time())
+    known = [w for w in (left, now_wait) if w is not None]
+    return round(min(known), 1) if known else None
 
 
 def delete(store: JobStore | None, job_id: str, credential: str | None) -> Answer:
@@ -185,9 +167,9 @@ def delete(store: JobStore | None, job_id: str, credential: str | None) -> Answe
     try:
         cancelled = store.cancel(job) == QUEUED
     except redis.RedisError:
-        raise store_unavailable() from None
+        raise errors.result_store_unavailable() from None
     if not cancelled:
-        raise errors.GatewayError(409, "job-running", "the job is already running")
+        raise errors.JOB_RUNNING("the job is already running")
     metrics.jobs_total.labels(job.service, CANCELLED).inc()
     return Answer(204)
 
@@ -198,7 +180,7 @@ def _owned(store: JobStore | None, job_id: str, credential: str | None) -> Job:
     try:
         job = store.get(job_id)
     except redis.RedisError:
-        raise store_unavailable() from None
+        raise errors.result_store_unavailable() from None
     if job is None or not job.owned_by(credential):
         raise unknown_job()
     return job
@@ -208,4 +190,4 @@ def _forget(store: JobStore, job_id: str, correlation_id: str) -> None:
     try:
         store.forget(job_id, correlation_id)
     except redis.RedisError:
-        raise store_unavailable() from None
+        raise errors.result_store_unavailable() from None

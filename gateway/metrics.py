@@ -21,8 +21,10 @@ from prometheus_client import (
     multiprocess,
 )
 
-from proxymq.config import GatewayConfig, queue_name
+from gateway import errors
+from proxymq.config import GatewayConfig
 from proxymq.metrics import LATENCY_BUCKETS
+from proxymq.parsers import queue_name
 
 # A name nobody asked for must not become a label value: unknown services share one.
 UNKNOWN_SERVICE = "_unknown"
@@ -50,8 +52,19 @@ timeouts_total = Counter(
 )
 shed_total = Counter(
     "proxymq_gateway_shed_total",
-    "Requests refused without reaching a worker (queue-full, broker-unavailable)",
+    "Requests refused without reaching a worker, by reason (queue-full, broker-unavailable, "
+    "service-unavailable, deadline-unreachable)",
     ["service", "reason"],
+)
+# The gateway's refusals counted as shed load (proxymq_gateway_shed_total's reasons).
+SHED_CODES = frozenset(
+    entry.code
+    for entry in (
+        errors.QUEUE_FULL,
+        errors.BROKER_UNAVAILABLE,
+        errors.SERVICE_UNAVAILABLE,
+        errors.DEADLINE_UNREACHABLE,
+    )
 )
 
 
@@ -72,7 +85,7 @@ stream_first_byte = Histogram(
 streams_cancelled_total = Counter(
     "proxymq_gateway_streams_cancelled_total",
     "Streams cut off before their end, by why (aborted, idle, client-gone, overflow, "
-    "out-of-order, other)",
+    "out-of-order, worker-gone, other)",
     ["reason"],
 )
 jobs_total = Counter(
@@ -118,9 +131,9 @@ def count(service: str, status: int, code: str | None, started: float) -> None:
     """Count one answered request under an already checked label; ``code`` is the
     gateway's error code, if it answered one (never read back from the answer's headers,
     which a downstream could have set)."""
-    if code == "timeout":
+    if code == errors.TIMEOUT.code:
         timeouts_total.labels(service).inc()
-    elif code in ("queue-full", "broker-unavailable"):
+    elif code in SHED_CODES:
         shed_total.labels(service, code).inc()
     requests_total.labels(service, str(status)).inc()
     request_duration.labels(service).observe(time.perf_counter() - started)

@@ -1,5 +1,5 @@
-"""The message side of a request: the envelope built from the client's request,
-published with confirms, and the wait for its reply."""
+"""The message side of a request: its envelope (``ProxyRequest.envelope``) published
+with confirms, and the wait for its reply."""
 
 from __future__ import annotations
 
@@ -7,36 +7,14 @@ import time
 
 import gevent
 
-from gateway import controls, errors, incoming
+from gateway import errors
 from gateway.broker import BrokerLink, BrokerUnavailable
 from gateway.replies import StreamStart
 from gateway.streams import Stream
 from proxymq import tracing
-from proxymq.config import GatewayConfig, queue_name
 from proxymq.confirms import NACK, RETURNED
 from proxymq.envelope import ReplyEnvelope, RequestEnvelope, decode_reply, task_message
-
-
-def envelope_of(
-    request: incoming.ClientRequest,
-    wait: float,
-    config: GatewayConfig,
-    job: bool = False,
-    callback: str | None = None,
-) -> RequestEnvelope:
-    """The request as the downstream should see it; reads the body (413, 400)."""
-    return RequestEnvelope(
-        service=request.service,
-        method=request.method,
-        path=request.path,
-        query=request.query,
-        headers=incoming.forwarded_headers(request.headers, request.environ),
-        body=incoming.read_body(request.environ, config.max_body_bytes, config.body_timeout),
-        deadline=int((time.time() + wait) * 1000),
-        job=job,
-        callback=callback,
-        priority=controls.priority(request.headers, config.max_client_priority),
-    )
+from proxymq.parsers import queue_name
 
 
 def exchange(
@@ -63,7 +41,7 @@ def exchange(
     except ValueError:
         if stream is not None:
             link.end_stream(correlation_id, stream)
-        raise errors.GatewayError(502, "bad-reply", "the worker's reply is malformed") from None
+        raise errors.BAD_REPLY("the worker's reply is malformed") from None
 
 
 def publish(

@@ -70,17 +70,18 @@ class ReplyRouter:
         gevent.spawn(take, body)
         return True
 
-    def start_stream(
-        self, correlation_id: str | None, head: bytes, stream_id: str, cancel_to: str
-    ) -> bool:
-        """A streamed reply's head: wake its waiter with the stream the parts will feed.
-        False when nobody waits, or the request already streams (a second attempt)."""
+    def start_stream(self, correlation_id: str | None, head: bytes, part: StreamPart) -> bool:
+        """A streamed reply's head: wake its waiter with the stream the parts will feed
+        (numbered when its head is). False when nobody waits, or the request already
+        streams (a second attempt)."""
         if not correlation_id or correlation_id in self._streams:
             return False
         waiter = self._waiting.pop(correlation_id, None)
         if waiter is None:
             return False
-        stream = self._streams[correlation_id] = Stream(stream_id, cancel_to, self._buffer)
+        numbered = part.seq is not None
+        stream = Stream(part.stream_id, part.cancel_to, self._buffer, numbered)
+        self._streams[correlation_id] = stream
         waiter.set(StreamStart(head, stream))
         return True
 
@@ -88,6 +89,9 @@ class ReplyRouter:
         stream = self._streams.get(correlation_id) if correlation_id else None
         if stream is not None:
             stream.feed(part.kind, part.stream_id, part.seq, body)
+
+    def open_streams(self) -> list[Stream]:
+        return list(self._streams.values())
 
     def end_stream(self, correlation_id: str) -> None:
         self._streams.pop(correlation_id, None)

@@ -9,10 +9,11 @@ A stream ends cleanly at its ``end`` part. Anything else ends the client's respo
 abruptly, without the last chunk, so the client can tell it is incomplete: an ``abort``
 (the downstream failed midway, or the worker stopped), a part out of order (one was lost
 or overtaken: the body would have a hole), ``PROXYMQ_STREAM_IDLE_TIMEOUT`` without a part
-(a worker that died, a stalled downstream), the client going away, or a client too slow
-to keep ``PROXYMQ_STREAM_BUFFER_BYTES`` from filling. In every case but the clean end
-and the abort, the worker is asked to cancel (its cancel queue), and closes the
-downstream connection.
+(a stalled downstream), the worker's connection gone (``gateway.liveness``: a worker
+killed outright is noticed within seconds, not at the idle timeout), the client going
+away, or a client too slow to keep ``PROXYMQ_STREAM_BUFFER_BYTES`` from filling. In
+every case but the clean end, the abort and the worker gone, the worker is asked to
+cancel (its cancel queue), and closes the downstream connection.
 """
 
 from __future__ import annotations
@@ -28,20 +29,22 @@ import gevent.socket
 from gevent.event import Event
 
 from gateway import metrics
-from gateway.answers import status_line
+from gateway.answers import from_downstream, status_line
 from proxymq.envelope import ABORT, CHUNK, END, ReplyEnvelope
 
 OPEN, ENDED = "open", "ended"
 # Why a stream was cut off (the label of proxymq_gateway_streams_cancelled_total). Only
 # these: a part of a kind nobody knows is OTHER, so a message cannot mint label values.
 ABORTED, IDLE, CLIENT_GONE, OVERFLOW = "aborted", "idle", "client-gone", "overflow"
-OUT_OF_ORDER, OTHER = "out-of-order", "other"
+OUT_OF_ORDER, OTHER, WORKER_GONE = "out-of-order", "other", "worker-gone"
 
 
 class Stream:
     """One streamed reply: the parts received and not yet written to the client."""
 
-    def __init__(self, stream_id: str, cancel_to: str, buffer_limit: int) -> None:
+    def __init__(
+        self, stream_id: str, cancel_to: str, buffer_limit: int, numbered: bool = True
+    ) -> None:
         self.id = stream_id
         self.cancel_to = cancel_to
         self.state = OPEN
@@ -50,16 +53,20 @@ class Stream:
         self._buffered = 0
         self._wake = Event()
         self._next = 1  # the number the next part must carry: the head was 0
+        # A numbered head (every worker since the numbers) numbers all its parts; only
+        # an unnumbered one (an older worker) has parts taken unchecked.
+        self._numbered = numbered
         # Set by the answer: cuts the client connection, so a writer blocked on a client
         # that does not read gives up at once too.
         self.interrupt: Callable[[], None] | None = None
 
     def feed(self, kind: str, stream_id: str | None, seq: int | None, body: bytes) -> None:
         """From the reply reader: one part, as it came. An abort ends the stream in any
-        order; any other part must carry the next number, or the stream ends there."""
+        order; any other part must carry the next number, or the stream ends there: one
+        without a number in a numbered stream is not of its count, never spliced in."""
         if stream_id != self.id or self.state != OPEN:
             return
-        if kind != ABORT and seq is not None:
+        if kind != ABORT and (seq is not None or self._numbered):
             if seq != self._next:
                 self.state = OUT_OF_ORDER
                 self._wake.set()
@@ -85,6 +92,13 @@ class Stream:
         self._wake.set()
         if self.interrupt is not None:
             self.interrupt()
+
+    def worker_gone(self) -> None:
+        """Its worker's connection is gone (``gateway.liveness``): no part can come any
+        more. What was received still goes out, then the cut, as after an abort."""
+        if self.state == OPEN:
+            self.state = WORKER_GONE
+            self._wake.set()
 
     def client_gone(self) -> None:
         if self.state == OPEN:
@@ -124,7 +138,7 @@ class StreamAnswer:
 
     def __call__(self, environ, start_response):
         drop = ("content-length", "transfer-encoding")
-        headers = [(n, v) for n, v in self._head.headers if n.lower() not in drop]
+        headers = [(n, v) for n, v in from_downstream(self._head.headers) if n.lower() not in drop]
         headers.append(("X-Correlation-ID", self._correlation_id))
         start_response(status_line(self.status), headers)
         return _Body(self._stream, self._idle, environ.get("gunicorn.socket"), self._done)

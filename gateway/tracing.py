@@ -10,6 +10,7 @@ from __future__ import annotations
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind
 
+from gateway import errors
 from proxymq import tracing
 from proxymq.confirms import NACK, RETURNED
 
@@ -76,7 +77,7 @@ def publish(link, queue: str, body: bytes, headers: dict, properties: dict, wait
         outcome = link.publish(queue, body, headers, properties, wait)
         span.set_attribute("proxymq.publish.outcome", outcome)
         if outcome == RETURNED:
-            tracing.fail(span, "unknown-service", "no queue took the message")
+            tracing.fail(span, errors.UNKNOWN_SERVICE.code, "no queue took the message")
         elif outcome == NACK:
-            tracing.fail(span, "queue-full", "the broker refused the message")
+            tracing.fail(span, errors.QUEUE_FULL.code, "the broker refused the message")
         return outcome

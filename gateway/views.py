@@ -43,13 +43,14 @@ def job(job_id: str) -> Answer:
     try:
         if request.method == "DELETE":
             return jobs.delete(gateway.store, job_id, credential)
-        return jobs.poll(gateway.store, job_id, credential)
+        return jobs.poll(gateway.store, job_id, credential, gateway.link.status)
     except errors.GatewayError as error:
         return error_answer(error, job_id)
 
 
 @views.app_errorhandler(HTTPException)
 def http_error(exc: HTTPException) -> Answer:
-    code = {404: "unknown-service", 405: "method-not-allowed"}.get(exc.code, "bad-request")
-    error = errors.GatewayError(exc.code or 400, code, exc.description or exc.name)
-    return error_answer(error, None)
+    entry = {404: errors.UNKNOWN_SERVICE, 405: errors.METHOD_NOT_ALLOWED}.get(
+        exc.code, errors.BAD_REQUEST
+    )
+    return error_answer(entry(exc.description or exc.name, exc.code), None)

@@ -49,6 +49,9 @@ TASK_NAME = "proxymq.forward"
 # absent on the first.
 DELIVERIES_HEADER = "proxymq_deliveries"
 SENT_HEADER = "proxymq_sent"
+# How many times an operator replayed this request from its dead-letter queue
+# (``celery -A workers deadletters replay``); the downstream sees X-ProxyMQ-Replayed.
+REPLAYED_HEADER = "x-proxymq-replayed"
 CONTENT_TYPE = "application/x-msgpack"
 CONTENT_ENCODING = "binary"
 

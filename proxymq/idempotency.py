@@ -74,14 +74,18 @@ return 0
 def scope(credential: str | None, cookie: str | None) -> str:
     """Whose key it is: the credential header's value and the ``Cookie`` header's (a
     session cookie is a credential too), hashed; ``ANONYMOUS`` with neither. A key is
-    only ever replayed within its scope, so to a client that presented the same ones."""
+    only ever replayed within its scope, so to a client that presented the same ones.
+    A header sent empty (or blank) names nobody: it counts as not sent, else every
+    client sending ``Authorization:`` empty would share a scope that is not anonymous
+    (its replays with their ``Set-Cookie``, its jobs' ids)."""
+    credential = credential if credential and credential.strip() else None
+    cookie = cookie if cookie and cookie.strip() else None
     if credential is None and cookie is None:
         return ANONYMOUS
     if cookie is None:  # as before cookies counted: records of a credential stay its own
         return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()
     digest = hashlib.sha256(b"proxymq-idempotency-scope\x00")
     for value in (credential, cookie):
-        # None and "" differ: a header sent empty is not a header not sent.
         digest.update(b"\x00" if value is None else b"=" + value.encode("utf-8", "surrogateescape"))
         digest.update(b"\x00")
     return digest.hexdigest()

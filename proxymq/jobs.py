@@ -17,6 +17,8 @@ which never learns the id, finds the record by the correlation id. One hash per 
     service   the service name
     deadline  epoch ms after which nobody will work on it any more
     reply     the stored reply envelope (msgpack), once done
+    callback  delivered | retrying | failed: how its callback went, once tried
+              (``workers.callbacks``); absent without a callback or before its first try
 
 State changes that race (a cancel against a worker starting) are Lua scripts, so each
 is atomic in Redis. Records expire: ``job_ttl`` after they finish, and at their deadline
@@ -36,6 +38,7 @@ import redis
 from proxymq.envelope import ReplyEnvelope, decode_reply, encode_reply
 
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
+DELIVERED, RETRYING, FAILED = "delivered", "retrying", "failed"  # a job's callback
 
 # queued/running -> running (a redelivered job may run again); anything else: refuse.
 _START = """
@@ -54,6 +57,12 @@ if status == 'queued' then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return status
+"""
+# The callback's state, on a record that still exists (an expired one is not made again).
+_CALLBACK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'callback', ARGV[1])
+end
 """
 # running/queued -> done with the reply; a cancelled or forgotten job stays so.
 _FINISH = """
@@ -85,6 +94,8 @@ class Job:
     service: str
     deadline: int
     reply: ReplyEnvelope | None
+    eta_at: float | None = None  # epoch seconds its start was estimated for, at submission
+    callback: str | None = None  # DELIVERED, RETRYING, FAILED, or None
 
     def owned_by(self, credential: str | None) -> bool:
         return hmac.compare_digest(self.owner, owner_hash(credential))
@@ -101,6 +112,7 @@ class JobStore:
         self._start = self._redis.register_script(_START)
         self._cancel = self._redis.register_script(_CANCEL)
         self._finish = self._redis.register_script(_FINISH)
+        self._callback = self._redis.register_script(_CALLBACK)
 
     @staticmethod
     def key(correlation_id: str) -> str:
@@ -111,12 +123,21 @@ class JobStore:
         return "proxymq:job-id:" + hashlib.sha256(job_id.encode()).hexdigest()
 
     def create(
-        self, job_id: str, correlation_id: str, service: str, owner: str, deadline: int
+        self,
+        job_id: str,
+        correlation_id: str,
+        service: str,
+        owner: str,
+        deadline: int,
+        eta_at: float | None = None,
     ) -> None:
         """The record and the id leading to it, both kept until the deadline plus the TTL
-        (a finished record then expires sooner, ``job_ttl`` after it finished)."""
+        (a finished record then expires sooner, ``job_ttl`` after it finished).
+        ``eta_at``: when the job is expected to start (the gateway's estimate)."""
         key, id_key = self.key(correlation_id), self.id_key(job_id)
         fields = {"status": QUEUED, "owner": owner, "service": service, "deadline": deadline}
+        if eta_at is not None:
+            fields["eta_at"] = f"{eta_at:.3f}"
         pending_for = max(1, int(deadline / 1000 - time.time())) + self._ttl
         with self._redis.pipeline() as pipe:
             pipe.hset(key, mapping=fields).expire(key, pending_for)
@@ -138,6 +159,8 @@ class JobStore:
             service=fields.get(b"service", b"").decode(),
             deadline=int(fields.get(b"deadline", b"0")),
             reply=decode_reply(reply) if reply else None,
+            eta_at=float(fields[b"eta_at"]) if b"eta_at" in fields else None,
+            callback=fields[b"callback"].decode() if b"callback" in fields else None,
         )
 
     # The worker's side, by correlation id (the worker never knows the job id).
@@ -149,6 +172,18 @@ class JobStore:
     def finish(self, correlation_id: str, reply: ReplyEnvelope) -> bool:
         args = [encode_reply(reply), self._ttl]
         return bool(self._finish(keys=[self.key(correlation_id)], args=args))
+
+    def unsent_callback(self, correlation_id: str) -> ReplyEnvelope | None:
+        """The stored reply of a finished job whose callback has not been tried yet."""
+        fields = self._redis.hmget(self.key(correlation_id), "status", "reply", "callback")
+        status, reply, callback = fields
+        if status != DONE.encode() or reply is None or callback is not None:
+            return None
+        return decode_reply(reply)
+
+    def callback_state(self, correlation_id: str, state: str) -> None:
+        """Record how the job's callback went (DELIVERED, RETRYING, FAILED)."""
+        self._callback(keys=[self.key(correlation_id)], args=[state])
 
     # The gateway's side, for a job it found with ``get``.
 

@@ -25,15 +25,25 @@ urllib3 upgrade that changes it fails the tests instead of silently skipping the
 
 Residual risk: name resolution itself is not bounded by any request timeout; it is
 bounded by the system resolver's own timeout and attempts (``/etc/resolv.conf``).
+
+Deadlines on whole exchanges live here too (``Deadlines``, ``DEADLINES``, ``bounded``):
+a socket timeout bounds each read, never a whole call, so a peer sending a byte now and
+then keeps any call alive for as long as it likes. One thread shuts each registered
+socket at its deadline, so whatever read or write waits on it returns at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import http.cookiejar
 import ipaddress
+import itertools
 import socket
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
 
 import requests
@@ -266,3 +276,181 @@ def connection(
     opened = kind(host, port, timeout=timeout)
     opened.address_policy = policy  # an instance attribute: not bound as a method
     return opened
+
+
+# -- deadlines on whole exchanges -----------------------------------------------------------
+
+
+class Deadlines:
+    """Sockets to shut at their deadlines (``time.monotonic()`` seconds), by one thread.
+
+    ``add`` registers a socket for the length of one exchange and ``cancel`` takes it
+    back; cancel says whether it was still pending, so a caller whose exchange failed or
+    came back short knows whether the deadline did it. The thread (started on first use)
+    sleeps until the earliest deadline; it is woken only when a new one comes before it.
+    Cancelled entries stay in the heap until it is rebuilt, which ``cancel`` does when they
+    outnumber the live ones, so with deadlines seconds away none ever comes due: a call
+    costs a dictionary entry and a heap push, and no thread switch. Shutting (not closing)
+    leaves the file descriptor to its owner: nothing else can be shut by mistake.
+    """
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int]] = []
+        self._due: dict[int, tuple[float, socket.socket]] = {}
+        self._numbers = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, when: float, sock: socket.socket) -> int:
+        """Shut ``sock`` at ``when`` unless cancelled first; the handle to cancel it by."""
+        handle = next(self._numbers)
+        with self._wake:
+            self._due[handle] = (when, sock)
+            heapq.heappush(self._heap, (when, handle))
+            if self._heap[0][1] == handle:  # earlier than the thread's sleep: wake it
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="proxymq-deadlines", daemon=True
+                    )
+                    self._thread.start()
+                self._wake.notify()
+        return handle
+
+    def cancel(self, handle: int) -> bool:
+        """Take the socket back: True if its deadline had not come (it was not shut)."""
+        with self._wake:
+            pending = self._due.pop(handle, None) is not None
+            if len(self._heap) > 2 * len(self._due) + 64:
+                self._heap = [(when, number) for number, (when, _) in self._due.items()]
+                heapq.heapify(self._heap)
+        return pending
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                due = self._take_due()
+                while not due:
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._wake.wait(wait)
+                    due = self._take_due()
+            for sock in due:
+                shut(sock)
+
+    def _take_due(self) -> list[socket.socket]:
+        now, due = time.monotonic(), []
+        while self._heap and self._heap[0][0] <= now:
+            entry = self._due.pop(heapq.heappop(self._heap)[1], None)
+            if entry is not None:
+                due.append(entry[1])
+        return due
+
+
+DEADLINES = Deadlines()
+"""The process's one deadline thread: single calls, batch calls and job callbacks."""
+
+
+def shut(sock: socket.socket) -> None:
+    """Shut both directions under any blocked read or write. For a TLS socket, the plain
+    socket's shutdown: the TLS object stays as it is for its owner's thread to close."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class Bound:
+    """One thread's exchange through a ``BoundedAdapter``, bounded by ``when``: every
+    connection it sends a request on is registered with ``DEADLINES`` until released."""
+
+    def __init__(self, when: float) -> None:
+        self.when = when
+        self.cut = False
+        self._handles: list[int] = []
+
+    def register(self, sock: socket.socket) -> int:
+        handle = DEADLINES.add(self.when, sock)
+        self._handles.append(handle)
+        return handle
+
+    def release(self, handle: int) -> None:
+        if handle in self._handles:
+            self._handles.remove(handle)
+            self.cut |= not DEADLINES.cancel(handle)
+
+    def end(self) -> bool:
+        """Cancel what is still registered; whether the deadline cut any of it."""
+        for handle in list(self._handles):
+            self.release(handle)
+        return self.cut
+
+
+_bounds = threading.local()
+
+
+@contextlib.contextmanager
+def bounded(when: float) -> Iterator[Bound]:
+    """Within it, this thread's requests through a ``BoundedAdapter`` are cut off at
+    ``when`` (``time.monotonic()``): their head, body and answer, whatever trickles.
+    ``Bound.cut`` (after the block, or ``Bound.end()`` inside it) says if one was."""
+    bound = Bound(when)
+    _bounds.current = bound
+    try:
+        yield bound
+    finally:
+        _bounds.current = None
+        bound.end()
+
+
+class _Registering:
+    """A urllib3 connection that registers its socket with the thread's ``bounded``
+    deadline before it sends a request, and is taken back when the pool gets it back
+    (``_ReleasingPool``): before another thread can take it, so a late deadline never
+    shuts another call's socket."""
+
+    _bound: Bound | None = None
+    _deadline: int | None = None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        bound = getattr(_bounds, "current", None)
+        if bound is not None:
+            if self.sock is None:  # a new connection: connect now, to hold its socket
+                self.connect()
+            self._bound, self._deadline = bound, bound.register(self.sock)
+        super().request(*args, **kwargs)
+
+    def release_deadline(self) -> None:
+        if self._bound is not None and self._deadline is not None:
+            self._bound.release(self._deadline)
+        self._bound = self._deadline = None
+
+
+class _ReleasingPool:
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            conn.release_deadline()
+        super()._put_conn(conn)
+
+
+class _BoundedHTTPConnection(_Registering, HTTPConnection):
+    pass
+
+
+class _BoundedHTTPSConnection(_Registering, HTTPSConnection):
+    pass
+
+
+class _BoundedHTTPConnectionPool(_ReleasingPool, HTTPConnectionPool):
+    ConnectionCls = _BoundedHTTPConnection
+
+
+class _BoundedHTTPSConnectionPool(_ReleasingPool, HTTPSConnectionPool):
+    ConnectionCls = _BoundedHTTPSConnection
+
+
+class BoundedAdapter(HTTPAdapter):
+    """An HTTPAdapter whose requests ``bounded`` can cut off at a deadline."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _BoundedHTTPConnectionPool,
+            "https": _BoundedHTTPSConnectionPool,
+        }

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from proxymq.config import boolean, read
+from proxymq.parsers import boolean, read
 
 EXPORTERS = frozenset({"otlp", "console", "none"})
 GATEWAY, WORKER, FETCHER = "proxymq-gateway", "proxymq-worker", "proxymq-fetcher"

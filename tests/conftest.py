@@ -1,5 +1,5 @@
 import pytest
-from stack import Downstream, Stack, delete_queues, unique_service
+from support import Downstream, Stack, delete_queues, unique_service
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,9 @@ from celery.concurrency import get_implementation
 from kombu import Queue
 
 from proxymq import tracing
-from proxymq.config import (
-    ConfigError,
-    ServiceConfig,
-    WorkerConfig,
-    broker_tls,
-    broker_url,
-    check_broker_certificate,
-)
+from proxymq.broker_tls import check_broker_certificate
+from proxymq.config import BrokerLink, ServiceConfig, WorkerConfig
+from proxymq.parsers import ConfigError
 from workers.consumer import ForwardStep
 from workers.failover import AMQP
 from workers.runtime import Runtime
@@ -75,25 +70,29 @@ def node_name(services: list[str], given: str, argv: list[str]) -> str:
     return f"{'-'.join(services)[:60]}.{os.getpid()}@{socket.gethostname()}"
 
 
-def _broker() -> tuple[str, dict | bool]:
-    """The broker URL and ``broker_use_ssl``, read at import: Flower (``celery -A workers
+def _broker() -> BrokerLink:
+    """The broker's part of the settings, read at import: Flower (``celery -A workers
     flower``) and the other celery commands use this app's settings without a worker's
     start-up signals, and they too must check the broker's certificate and host name.
-    The options name the list's first node; ``workers.failover`` renames the host for
-    each node a connection fails over to."""
+    A worker hands it on to ``WorkerConfig.from_env`` (``_configure``), which does not
+    read it again."""
     try:
-        url = broker_url(os.environ)
-        tls = broker_tls(os.environ, url)
+        return BrokerLink.from_env(os.environ)
     except ConfigError as error:
         _stop(error)
         raise
-    return url, tls.ssl_options(tls.nodes[0].host) if tls else False
 
 
-_BROKER_URL, _BROKER_SSL = _broker()
-app = Celery("workers", broker=_BROKER_URL, amqp=AMQP)
+def _broker_use_ssl(broker: BrokerLink) -> dict | bool:
+    """Celery's ``broker_use_ssl``: the options name the list's first node;
+    ``workers.failover`` renames the host for each node a connection fails over to."""
+    return broker.tls.ssl_options(broker.tls.nodes[0].host) if broker.tls else False
+
+
+_BROKER = _broker()
+app = Celery("workers", broker=_BROKER.url, amqp=AMQP)
 app.conf.update(
-    broker_use_ssl=_BROKER_SSL,
+    broker_use_ssl=_broker_use_ssl(_BROKER),
     task_serializer="msgpack",
     accept_content=["msgpack", "json"],
     task_acks_late=True,
@@ -132,7 +131,7 @@ def _configure(sender=None, instance=None, conf=None, options=None, **_) -> None
     if isinstance(queues, str):
         queues = [q for q in queues.split(",") if q]
     try:
-        config = WorkerConfig.from_env(os.environ, queues or None)
+        config = WorkerConfig.from_env(os.environ, queues or None, broker=_BROKER)
         tracing.check(os.environ)
         _check_pool(options.get("pool") or conf.worker_pool)
         if config.broker_tls is not None:

@@ -13,15 +13,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from typing import Any
 
 import requests
 
-from proxymq import tracing
+from proxymq import outbound, tracing
 from proxymq.envelope import ReplyEnvelope
 from proxymq.headers import end_to_end
 from workers import forwarding
 from workers.delivery import Delivery
+from workers.observers import observe
 
 ERROR = "bad-batch-response"
 
@@ -93,24 +95,26 @@ def _post(http: requests.Session, batch: list[Delivery], limit: int) -> dict[str
     data = json.dumps([encode_item(item) for item in batch], separators=(",", ":"))
     headers = {"Content-Type": "application/json", "X-ProxyMQ-Deadline": str(min(deadlines))}
     if tracing.ENABLED:
-        headers.update(tracing.inject())  # the batch call's own span (workers.tracing)
-    try:
-        response = http.post(
-            service.batch_url or "",
-            data=data.encode("utf-8"),
-            headers=headers,
-            timeout=seconds,
-            allow_redirects=False,
-            stream=True,
-        )
-        content = _read_capped(response, 2 * limit * len(batch))
-    except forwarding.FAILURES as exc:
-        reply = forwarding.failure(exc, deadline_bound, f"batch call to {service.name}")
+        headers.update(observe(tracing.inject) or {})  # the batch call's own span (workers.tracing)
+    what, cap = f"batch call to {service.name}", 2 * limit * len(batch)
+    # The whole call, head and answer, ends by the latest deadline: its socket is shut
+    # then (``proxymq.outbound.bounded``), however slowly the downstream trickles.
+    with outbound.bounded(time.monotonic() + seconds) as bound:
+        try:
+            status, content = _exchange(http, service.batch_url or "", data, headers, seconds, cap)
+            error = None
+        except forwarding.FAILURES as exc:
+            error = exc
+    if bound.cut or error is not None:
+        if bound.cut:  # whatever it raised or returned: an answer read to its close is short
+            reply = forwarding.cut_off(deadline_bound, what)
+        else:
+            reply = forwarding.failure(error, deadline_bound, what)
         if reply.error != "timeout":
             reply = bad_batch(f"the batch call failed: {reply.message}")
-        raise BatchFailed(reply) from None
-    if response.status_code != 200:
-        raise BatchFailed(bad_batch(f"the batch endpoint answered {response.status_code}, not 200"))
+        raise BatchFailed(reply)
+    if status != 200:
+        raise BatchFailed(bad_batch(f"the batch endpoint answered {status}, not 200"))
     try:
         payload = json.loads(content)
     except ValueError:
@@ -118,6 +122,21 @@ def _post(http: requests.Session, batch: list[Delivery], limit: int) -> dict[str
     if not isinstance(payload, list):
         raise BatchFailed(bad_batch("the batch answer is not a JSON array"))
     return parse_answer(payload, limit)
+
+
+def _exchange(
+    http: requests.Session, url: str, data: str, headers: dict, seconds: float, cap: int
+) -> tuple[int, bytes]:
+    """POST the batch; its status and body (at most ``cap`` bytes)."""
+    response = http.post(
+        url,
+        data=data.encode("utf-8"),
+        headers=headers,
+        timeout=seconds,
+        allow_redirects=False,
+        stream=True,
+    )
+    return response.status_code, _read_capped(response, cap)
 
 
 def _read_capped(response: requests.Response, cap: int) -> bytes:

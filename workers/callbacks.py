@@ -4,10 +4,13 @@ The URL comes from a client, so the connection is guarded (``proxymq.outbound``,
 fetcher's): it never reaches loopback, private or link-local addresses (checked on the
 address actually connected to) unless ``PROXYMQ_CALLBACK_ALLOW_PRIVATE=true``.
 
-A receiver is not trusted to behave either. Callbacks are sent by threads of their own,
-after the job's answer is stored and its message acknowledged, so a slow receiver holds
-no call thread and no request. Each attempt has a total deadline: the socket is shut at
-``TIMEOUT`` seconds whatever the receiver trickles. Only its status line and headers
+A receiver is not trusted to behave either. Callbacks travel through the broker
+(``workers.callback_queue``) and are sent by threads of their own, so a slow receiver
+holds no call thread and no request. Connecting may take ``CONNECT_TIMEOUT`` and the
+whole attempt ``TIMEOUT``: the socket is shut then whatever the receiver trickles
+(``proxymq.outbound.DEADLINES``, as downstream calls are). The threads serve receiving
+hosts in turn, at most ``PER_HOST`` attempts at once each (``FairQueue``), so a few
+slow receivers cannot hold up everyone else's callbacks. Only its status line and headers
 are read (http.client bounds those), never its body. Redirects are not followed: the
 signature and the result go to the URL the client named, or nowhere.
 
@@ -24,10 +27,11 @@ import hashlib
 import hmac
 import json
 import logging
-import queue
-import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from proxymq import outbound
@@ -35,13 +39,37 @@ from proxymq.envelope import ReplyEnvelope
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 3
 TIMEOUT = 10.0  # seconds for one whole attempt: connect, send, status and headers
-THREADS = 4
-BACKLOG = 1000  # callbacks waiting for a thread; beyond, they are dropped and logged
+CONNECT_TIMEOUT = 3.0  # of which connecting may take this much
+THREADS = 16
+# Attempts at once to one receiving host (by name, whatever the port): the threads are
+# shared round-robin between hosts, so slow receivers hold at most this many each.
+PER_HOST = 2
+# Callbacks a worker holds for one host (sending or waiting); beyond, they wait in the
+# broker (``workers.callback_queue`` defers them) rather than in the worker's prefetch,
+# where they would keep other hosts' callbacks from being taken at all.
+HOST_BACKLOG = 4
 # What callbacks have sent since they borrowed the fetcher's session; receivers may match
 # on it, so renaming it is a change of its own.
 USER_AGENT = "proxymq-fetcher/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    """One callback to send: where, for which job, what, and how many tries so far."""
+
+    url: str
+    correlation_id: str
+    body: bytes
+    attempts: int  # attempts made before this one
+
+    @property
+    def host(self) -> str:
+        """What fairness counts by: the receiving host's name."""
+        try:
+            return (urlsplit(self.url).hostname or "").lower()
+        except ValueError:
+            return ""
 
 
 def payload(correlation_id: str, reply: ReplyEnvelope) -> bytes:
@@ -75,45 +103,103 @@ def loggable(url: str) -> str:
     return repr(f"{parts.scheme}://{where}{parts.path}")
 
 
+class FairQueue:
+    """Callbacks waiting for a thread, by receiving host. ``take`` hands them out in turn
+    from each host that has fewer than ``per_host`` in flight, so one host's many (or
+    slow) callbacks never wait in front of another host's."""
+
+    def __init__(self, per_host: int) -> None:
+        self._per_host = per_host
+        self._changed = threading.Condition()
+        self._waiting: dict[str, deque[Callback]] = {}  # in turn order
+        self._active: dict[str, int] = {}
+
+    def put(self, callback: Callback) -> None:
+        with self._changed:
+            self._waiting.setdefault(callback.host, deque()).append(callback)
+            self._changed.notify()
+
+    def held(self, host: str) -> int:
+        """Callbacks for ``host`` waiting or in flight."""
+        with self._changed:
+            return len(self._waiting.get(host, ())) + self._active.get(host, 0)
+
+    def take(self) -> Callback:
+        with self._changed:
+            while True:
+                for host in list(self._waiting):
+                    if self._active.get(host, 0) < self._per_host:
+                        waiting = self._waiting.pop(host)
+                        callback = waiting.popleft()
+                        if waiting:  # to the end of the turn order
+                            self._waiting[host] = waiting
+                        self._active[host] = self._active.get(host, 0) + 1
+                        return callback
+                self._changed.wait()
+
+    def done(self, callback: Callback) -> None:
+        with self._changed:
+            left = self._active.get(callback.host, 1) - 1
+            if left:
+                self._active[callback.host] = left
+            else:
+                self._active.pop(callback.host, None)
+            self._changed.notify_all()
+
+
 class CallbackSender:
-    def __init__(self, secret: str | None, allow_private: bool) -> None:
+    """Sends callbacks in threads of its own; each attempt's outcome goes to the ``done``
+    it was submitted with (in that thread). Retrying is not its business: a failed
+    callback goes back through the broker (``workers.callback_queue``)."""
+
+    def __init__(self, secret: str | None, allow_private: bool, threads: int = THREADS) -> None:
         self._secret = secret
         self._policy = outbound.policy_for(allow_private)
-        self._waiting: queue.Queue = queue.Queue(BACKLOG)
-        for number in range(THREADS):
+        self._waiting = FairQueue(PER_HOST)
+        for number in range(threads):
             name = f"proxymq-callback-{number}"
             threading.Thread(target=self._serve, name=name, daemon=True).start()
 
-    def send(self, url: str, correlation_id: str, reply: ReplyEnvelope) -> None:
-        """Queue the callback and return at once (the answer is already stored)."""
-        try:
-            self._waiting.put_nowait((url, correlation_id, payload(correlation_id, reply)))
-        except queue.Full:
-            log.warning(
-                "callback %s for %s dropped: %d waiting", loggable(url), correlation_id, BACKLOG
-            )
+    def busy_with(self, host: str) -> bool:
+        """Whether this worker already holds enough of ``host``'s callbacks."""
+        return self._waiting.held(host) >= HOST_BACKLOG
+
+    def submit(self, callback: Callback, done: Callable[[Callback, bool], None]) -> None:
+        """Queue one attempt and return at once."""
+        self._waiting.put(_Submitted(callback, done))
 
     def _serve(self) -> None:
         while True:
-            url, correlation_id, body = self._waiting.get()
+            submitted = self._waiting.take()
             try:
-                self.deliver(url, correlation_id, body)
+                delivered = self.attempt(submitted.callback)
             except Exception:  # a bug must not stop the thread
-                log.exception("callback for %s failed", correlation_id)
-
-    def deliver(self, url: str, correlation_id: str, body: bytes) -> bool:
-        """POST ``body``, retrying with backoff; False when no attempt got a 2xx."""
-        for attempt in range(ATTEMPTS):
+                log.exception("callback for %s failed", submitted.callback.correlation_id)
+                delivered = False
+            finally:
+                self._waiting.done(submitted)
             try:
-                status = self._post(url, correlation_id, body)
-                if 200 <= status < 300:
-                    return True
-                problem = f"HTTP {status}"
-            except Exception as exc:  # a client-named URL may fail in any way: log, retry
-                problem = type(exc).__name__
-            log.warning("callback %s for %s failed (%s)", loggable(url), correlation_id, problem)
-            if attempt + 1 < ATTEMPTS:
-                time.sleep(0.5 * 2**attempt)
+                submitted.done(submitted.callback, delivered)
+            except Exception:
+                log.exception("settling the callback for %s failed", submitted.correlation_id)
+
+    def attempt(self, callback: Callback) -> bool:
+        """POST the callback once; True on a 2xx."""
+        url, correlation_id = callback.url, callback.correlation_id
+        try:
+            status = self._post(url, correlation_id, callback.body)
+            if 200 <= status < 300:
+                return True
+            problem = f"HTTP {status}"
+        except Exception as exc:  # a client-named URL may fail in any way: log, retry
+            problem = type(exc).__name__
+        log.warning(
+            "callback %s for %s failed (%s), attempt %d",
+            loggable(url),
+            correlation_id,
+            problem,
+            callback.attempts + 1,
+        )
         return False
 
     def _post(self, url: str, correlation_id: str, body: bytes) -> int:
@@ -126,22 +212,36 @@ class CallbackSender:
         }
         if self._secret:
             headers["X-ProxyMQ-Signature"] = signature(self._secret, body, int(time.time()))
+        when = time.monotonic() + TIMEOUT
         connection = outbound.connection(
-            parts.scheme, parts.hostname or "", parts.port, self._policy, TIMEOUT
+            parts.scheme, parts.hostname or "", parts.port, self._policy, CONNECT_TIMEOUT
         )
-        deadline = threading.Timer(TIMEOUT, _cut, [connection])
-        deadline.start()
         try:
-            connection.request("POST", target, body=body, headers=headers)
-            return connection.getresponse().status
+            connection.connect()  # within CONNECT_TIMEOUT; then the rest of TIMEOUT
+            connection.sock.settimeout(max(0.1, when - time.monotonic()))
+            deadline = outbound.DEADLINES.add(when, connection.read_socket)
+            try:
+                connection.request("POST", target, body=body, headers=headers)
+                return connection.getresponse().status
+            finally:
+                outbound.DEADLINES.cancel(deadline)
         finally:
-            deadline.cancel()
             connection.close()
 
 
-def _cut(connection) -> None:
-    """The deadline: shut the socket under whatever read or write is waiting on it."""
-    sock = connection.read_socket
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+class _Submitted:
+    """A callback with what to call when its attempt is over; hashable by host for the
+    fair queue (it quacks like a ``Callback``)."""
+
+    __slots__ = ("callback", "done")
+
+    def __init__(self, callback: Callback, done: Callable[[Callback, bool], None]) -> None:
+        self.callback, self.done = callback, done
+
+    @property
+    def host(self) -> str:
+        return self.callback.host
+
+    @property
+    def correlation_id(self) -> str:
+        return self.callback.correlation_id

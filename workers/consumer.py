@@ -8,8 +8,9 @@ pipeline instead of to Celery's request and tracing machinery.
 
 ``Consumer`` (selected with ``worker_consumer``) adds three things:
 
-- messages Celery cannot run (undecodable, not a task, an unknown task) are dead-lettered
-  by the pipeline, not acknowledged and lost or rejected unseen;
+- messages Celery cannot run (undecodable, not a task, an unknown task, a task name that
+  is no string) are dead-lettered by the pipeline, not acknowledged and lost, rejected
+  unseen or, raising out of the event loop, stopping the worker;
 - ``add_consumer`` only for the queues this worker was configured to serve;
 - task events in bunches: Celery publishes its buffer on the event loop's next turn,
   i.e. up to three messages per request; here the buffer goes at most
@@ -45,15 +46,27 @@ class ForwardStep(bootsteps.StartStopStep):
         c.pipeline = self.pipeline = Pipeline(c, c.controller.proxymq)
 
     def start(self, c) -> None:
+        # Bodies as the broker holds them: py-amqp decodes a body to ``str`` by its
+        # ``content_encoding`` when it can (auto_decode), so a malformed message that
+        # says ``utf-8`` would reach the pipeline as text, neither a request nor
+        # publishable to the dead-letter queue as it came. Kombu decodes what it needs
+        # (a protocol-1 body) itself. Set before consuming starts (Celery's event loop).
+        c.task_consumer.channel.auto_decode = False
         self.pipeline.open(c.connection)
         if c.event_dispatcher is not None:
             # Celery sends its event buffer every 24 events; three per request, under
             # load that is a message every eight requests. The 50 ms timer
             # (``on_send_event_buffered``) bounds the wait instead.
             c.event_dispatcher.buffer_limit = EVENTS_BUFFER
-        # The task consumer's prefetch is -c; batches need more.
-        if self.pipeline.prefetch:
-            c.qos.increment_eventually(self.pipeline.prefetch)
+        # The task consumer's prefetch is -c; batches need more, and a concurrency cap
+        # below -c less (``Pipeline.cut_prefetch``; under ``auto`` the cut then follows
+        # the limit).
+        change = self.pipeline.prefetch - self.pipeline.cut_prefetch()
+        if change > 0:
+            c.qos.increment_eventually(change)
+            c.qos.update()
+        elif change < 0:
+            c.qos.decrement_eventually(-change)
             c.qos.update()
 
     def stop(self, c) -> None:
@@ -96,6 +109,22 @@ class Consumer(CeleryConsumer):
 
     # -- messages Celery cannot run ------------------------------------------------------
 
+    def create_task_handler(self, *args, **kwargs):
+        """Celery's handler of every message, made total: before it hands a message to a
+        task's strategy it looks the task's name up in a dict, and a name that is no
+        string (``{"task": [1]}`` as a protocol-1 JSON body, or a list in the ``task``
+        header) raises ``TypeError`` out of the event loop, which stops the worker, and
+        the next worker, and the next. Such a message is dead-lettered instead."""
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message) -> None:
+            try:
+                handle(message)
+            except Exception as exc:  # raised before the message reached the pipeline
+                self.pipeline.reject(message, f"invalid task message: {exc}")
+
+        return on_task_received
+
     def on_decode_error(self, message, exc) -> None:
         self.pipeline.reject(message, f"cannot be decoded: {exc}")
 
@@ -113,6 +142,14 @@ class Consumer(CeleryConsumer):
         for (another would have its every message dead-lettered)."""
         if queue not in self.pipeline.services:
             log.warning("add_consumer %r refused: this worker does not serve it", queue)
+            return None
+        if self.pipeline.paused:
+            # Every call thread relays a stream (``workers.prefetch``): Celery's way would
+            # consume all the queues again now. The queue joins them, consumed with the
+            # others when a stream ends.
+            queues = self.app.amqp.queues
+            self.task_consumer.add_queue(queues.select_add(queues[queue]))
+            log.info("add_consumer %r: consumed once a stream ends", queue)
             return None
         return super().add_task_queue(queue, *args, **kwargs)
 

@@ -16,6 +16,7 @@ from proxymq.config import ServiceConfig
 from proxymq.envelope import (
     CONTENT_TYPE,
     DELIVERIES_HEADER,
+    REPLAYED_HEADER,
     SENT_HEADER,
     TASK_NAME,
     RequestEnvelope,
@@ -36,10 +37,13 @@ class Delivery:
     reply_to: str | None
     count: int  # this delivery's number, 1 for the first
     sent: int | None  # epoch ms of the gateway's publish
+    replayed: int | None  # times replayed from the dead-letter queue; None: never
     taken: float  # monotonic: when this worker took it
     due: float  # monotonic: its deadline
     started: float = 0.0  # monotonic: when its call started
     trace: object = None  # its spans while tracing is on (workers.tracing)
+    attempt: int = 1  # of its call, with PROXYMQ_RETRIES (workers.flow.retry)
+    retry_in: float = 0.0  # seconds until its next attempt, when one is due
 
     @property
     def answers_a_client(self) -> bool:
@@ -83,6 +87,7 @@ def take(message: Message, services: dict[str, ServiceConfig]) -> Delivery:
         reply_to=reply_to if isinstance(reply_to, str) and reply_to else None,
         count=delivery_count(headers, bool((message.delivery_info or {}).get("redelivered"))),
         sent=_int(headers.get(SENT_HEADER)),
+        replayed=_int(headers.get(REPLAYED_HEADER)),
         taken=taken,
         due=taken + request.deadline / 1000 - now,
     )

@@ -4,6 +4,13 @@ Single mode sends each request to the service's plain URL here; batch mode
 (``workers.batch_call``) sends many in one call. Both share the headers every call
 carries and the rule that a call cut off by the request's deadline is a 504 ``timeout``
 (the gateway gives up at that moment too), never a 502.
+
+The deadline bounds the whole call, not each read: its socket is registered with
+``proxymq.outbound.DEADLINES`` and shut at the deadline (or ``downstream_timeout``), so a
+downstream trickling its head or body a byte at a time is cut off there. That is what
+lets the gateway hold an idempotency key only until the worker's reply: after the
+deadline, nobody is still calling for it. A streamed answer is bounded up to its head;
+its body has its own bounds (``workers.streaming``).
 """
 
 from __future__ import annotations
@@ -18,19 +25,26 @@ from urllib.parse import SplitResult, urlsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 
 from proxymq import tracing
 from proxymq.config import ServiceConfig
 from proxymq.envelope import ReplyEnvelope
 from proxymq.headers import end_to_end
+from proxymq.outbound import DEADLINES, BoundedAdapter
 from workers.delivery import Delivery
+from workers.observers import observe
 from workers.streaming import Streaming, streams
 
 log = logging.getLogger(__name__)
 
 # Headers ProxyMQ sets on every downstream call; a client's own copies are replaced.
-OWN_HEADERS = ("x-correlation-id", "x-proxymq-delivery-count", "x-proxymq-deadline")
+OWN_HEADERS = (
+    "x-correlation-id",
+    "x-proxymq-delivery-count",
+    "x-proxymq-deadline",
+    "x-proxymq-replayed",
+    "x-proxymq-attempt",
+)
 TIMEOUTS = (requests.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)
 FAILURES = (
     requests.RequestException,
@@ -50,7 +64,7 @@ def session(pool_size: int) -> requests.Session:
     http = requests.Session()
     http.trust_env = False
     http.headers.clear()
-    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+    adapter = BoundedAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
     http.mount("http://", adapter)
     http.mount("https://", adapter)
     return http
@@ -64,11 +78,15 @@ def downstream_headers(delivery: Delivery) -> list[tuple[str, str]]:
         ("X-ProxyMQ-Delivery-Count", str(delivery.count)),
         ("X-ProxyMQ-Deadline", str(request.deadline)),
     ]
+    if delivery.replayed is not None:  # an operator replayed it from the dead letters
+        headers.append(("X-ProxyMQ-Replayed", str(delivery.replayed)))
+    if delivery.service.retries:  # which attempt this is (workers.flow.retry)
+        headers.append(("X-ProxyMQ-Attempt", str(delivery.attempt)))
     if tracing.ENABLED:  # the client's trace context is replaced by the worker's own
         from workers.tracing import propagation
 
         headers = [(n, v) for n, v in headers if n.lower() not in tracing.PROPAGATED]
-        headers += propagation(delivery)
+        headers += observe(propagation, delivery) or []
     return headers
 
 
@@ -98,6 +116,12 @@ def budget(service: ServiceConfig, deadline_ms: int) -> tuple[float, bool]:
     ``downstream_timeout``) is what bounds it."""
     left = deadline_ms / 1000 - time.time()
     return min(service.downstream_timeout, left), left <= service.downstream_timeout
+
+
+def cut_off(deadline_bound: bool, what: str) -> ReplyEnvelope:
+    """The reply for a call whose socket was shut at its time limit, whatever it raised
+    (or returned: an answer read to its connection's close comes back short)."""
+    return failure(TimeoutError("cut off at its time limit"), deadline_bound, what)
 
 
 def failure(exc: BaseException, deadline_bound: bool, what: str) -> ReplyEnvelope:
@@ -189,6 +213,8 @@ def call(
     byte, as do the headers, in order and repeated. An answer over ``limit`` bytes is
     not read further: its connection is dropped and the reply is 502. With ``stream``,
     an answer that streams (``workers.streaming``) comes back unread, as ``Streaming``.
+    The whole call, connect to last byte (a stream: to its head), ends by the deadline
+    or ``downstream_timeout``: its socket is shut then, and the reply is ``cut_off``.
     """
     service, request = delivery.service, delivery.request
     base = urlsplit(service.downstream_url)
@@ -198,35 +224,63 @@ def call(
     seconds, deadline_bound = budget(service, request.deadline)
     if seconds <= 0:
         return timed_out()
+    when = time.monotonic() + seconds
+    what = f"call {delivery.correlation_id} to {service.name}"
+    deadline = None
     try:
-        connection = connections.get(base, seconds)
-        connection.putrequest(request.method, target, skip_accept_encoding=True)
-        for name, value in downstream_headers(delivery):
-            if name.lower() != "content-length":  # the body's own length, set below
-                connection.putheader(name, value)
-        if request.body or request.method in ("POST", "PUT", "PATCH"):
-            connection.putheader("Content-Length", str(len(request.body)))
-        connection.endheaders(request.body or None)
-        sock = connection.sock
-        response = connection.getresponse()
-        if stream and request.method != "HEAD" and streams(response):
-            connections.detach(base)
-            head = ReplyEnvelope(status=response.status, headers=end_to_end(response.getheaders()))
-            return Streaming(head, response, sock)
-        # ``length`` is the declared Content-Length (None when chunked, 0 for HEAD).
-        declared = response.length
-        if declared is not None and declared > limit:
-            return _too_large(connections, base, delivery, limit)
-        body = response.read(limit + 1)
-        if declared is not None and len(body) < declared:
-            # read(n) returns what came before the downstream hung up, without a word.
-            raise http.client.IncompleteRead(body, declared - len(body))
-        if len(body) > limit:
-            return _too_large(connections, base, delivery, limit)
-        headers = response.getheaders()
-        if response.will_close:
-            connections.discard(base)
+        connection = connections.get(base, seconds)  # connects within ``seconds``
+        if connection.sock is None:
+            connection.connect()
+        deadline = DEADLINES.add(when, connection.sock)
+        result = _exchange(connections, connection, base, target, delivery, limit, stream)
     except (http.client.HTTPException, OSError) as exc:
         connections.discard(base)
-        return failure(exc, deadline_bound, f"call {delivery.correlation_id} to {service.name}")
-    return ReplyEnvelope(status=response.status, headers=end_to_end(headers), body=body)
+        if deadline is not None and not DEADLINES.cancel(deadline):
+            return cut_off(deadline_bound, what)
+        return failure(exc, deadline_bound, what)
+    if not DEADLINES.cancel(deadline):  # shut after all, or read short to its close
+        connections.discard(base)
+        if isinstance(result, Streaming):
+            result.close()
+        return cut_off(deadline_bound, what)
+    return result
+
+
+def _exchange(
+    connections: Connections,
+    connection: http.client.HTTPConnection,
+    base: SplitResult,
+    target: str,
+    delivery: Delivery,
+    limit: int,
+    stream: bool,
+) -> ReplyEnvelope | Streaming:
+    """Send the request and read its answer (the head only, for one that streams)."""
+    request = delivery.request
+    connection.putrequest(request.method, target, skip_accept_encoding=True)
+    for name, value in downstream_headers(delivery):
+        if name.lower() != "content-length":  # the body's own length, set below
+            connection.putheader(name, value)
+    if request.body or request.method in ("POST", "PUT", "PATCH"):
+        connection.putheader("Content-Length", str(len(request.body)))
+    connection.endheaders(request.body or None)
+    sock = connection.sock
+    response = connection.getresponse()
+    if stream and request.method != "HEAD" and streams(response):
+        connections.detach(base)
+        head = ReplyEnvelope(status=response.status, headers=end_to_end(response.getheaders()))
+        return Streaming(head, response, sock)
+    # ``length`` is the declared Content-Length (None when chunked, 0 for HEAD).
+    declared = response.length
+    if declared is not None and declared > limit:
+        return _too_large(connections, base, delivery, limit)
+    body = response.read(limit + 1)
+    if declared is not None and len(body) < declared:
+        # read(n) returns what came before the downstream hung up, without a word.
+        raise http.client.IncompleteRead(body, declared - len(body))
+    if len(body) > limit:
+        return _too_large(connections, base, delivery, limit)
+    headers = end_to_end(response.getheaders())
+    if response.will_close:
+        connections.discard(base)
+    return ReplyEnvelope(status=response.status, headers=headers, body=body)

@@ -1,4 +1,9 @@
-"""The worker's Prometheus metrics, served on ``PROXYMQ_WORKER_METRICS_PORT``."""
+"""The worker's Prometheus metrics, served on ``PROXYMQ_WORKER_METRICS_PORT``.
+
+Observers (``workers.observers``): the code counts through ``count`` and ``measure``
+inside ``observe``, after the step they count, so a metric that fails loses a sample,
+never an answer or an ack.
+"""
 
 from __future__ import annotations
 
@@ -45,9 +50,20 @@ dead_lettered_total = Counter(
     "Requests moved to <service>_requests.dead (too many deliveries, or undecodable)",
     ["service"],
 )
+replayed_total = Counter(
+    "proxymq_worker_replayed_total",
+    "Dead letters an operator replayed, counted as a worker takes each (first delivery)",
+    ["service"],
+)
 jobs_total = Counter(
     "proxymq_worker_jobs_total",
     "Asynchronous jobs by outcome (completed, failed, skipped after a cancel)",
+    ["service", "outcome"],
+)
+callbacks_total = Counter(
+    "proxymq_worker_callbacks_total",
+    "Job callback attempts by outcome (delivered, retrying, failed for good), and callbacks"
+    " deferred to the broker because this worker held enough for their host",
     ["service", "outcome"],
 )
 streams_total = Counter(
@@ -55,3 +71,11 @@ streams_total = Counter(
     "Streamed answers relayed, by how they ended (end, abort, cancelled)",
     ["service", "outcome"],
 )
+
+
+def count(counter: Counter, *labels: str) -> None:
+    counter.labels(*labels).inc()
+
+
+def measure(histogram: Histogram, label: str, value: float) -> None:
+    histogram.labels(label).observe(value)

@@ -15,6 +15,10 @@ plain downstream URL (``workers.batching`` decides what goes together). Threads:
 
 Nothing in the consumer thread waits for the broker: publishing only writes
 (``proxymq.confirms``), and confirms come back through the event loop's own reads.
+
+Spans, metrics and task events are observers (``workers.observers``): each step answers
+(publishes, acknowledges, requeues, dead-letters) first and calls them after, each one
+guarded, so none of them can keep a message from being answered or settled.
 """
 
 from __future__ import annotations
@@ -33,14 +37,22 @@ from collections.abc import Callable
 from kombu.message import Message
 
 from proxymq import tracing
-from proxymq.config import QUEUE_SUFFIX, ServiceConfig
+from proxymq.config import ServiceConfig
 from proxymq.confirms import ACK, LOST, NACK, RETURNED
 from proxymq.envelope import HEAD, ReplyEnvelope, StreamPart, encode_reply, recounted
+from proxymq.parsers import QUEUE_SUFFIX
 from workers import answering, batch_call, forwarding, metrics, poison
 from workers.admission import Verdict, admit
+from workers.announcer import Announcer
 from workers.batching import Batcher
+from workers.callback_queue import CallbackQueues
 from workers.delivery import Delivery, Malformed, take
 from workers.events import TaskEvents
+from workers.flow import UNCALLED, CallOutcome, Flow, FlowState, Permit
+from workers.flow import metrics as flow_metrics
+from workers.flow.retry import RetryPolicy
+from workers.observers import observe, observing, then
+from workers.prefetch import Slot, StreamSlots, shift
 from workers.publisher import Publisher, properties_of
 from workers.runtime import Runtime
 from workers.streaming import Streaming, Streams
@@ -52,6 +64,8 @@ PUBLISH = "publish"  # reply to the client's reply queue, ack once confirmed
 ACKNOWLEDGE = "ack"  # answered elsewhere (a job), or a cancelled job: ack now
 REQUEUE = "requeue"  # could not be answered: back to the queue
 STREAMED = "streamed"  # relayed in parts, settled when its head was confirmed
+CALLBACK = "callback"  # a job whose callback is due: ack once the broker holds it
+RETRY = "retry"  # a failed call of a safe request: in line again after its backoff
 
 Outcome = tuple[Delivery, ReplyEnvelope | None, str]
 
@@ -62,18 +76,46 @@ class Pipeline:
         self._consumer = consumer
         self._runtime = runtime
         self.services = {s.queue: s for s in runtime.config.services.values()}
+        self._flows = {s.queue: runtime.flows[s.name] for s in self.services.values()}
+        self._retries = {
+            s.queue: RetryPolicy(s, self._flows[s.queue].shared)
+            for s in self.services.values()
+            if s.retries
+        }
+        self._generation = 0  # of the connection: a retry of an older one's is dropped
         self._batchers = {
             s.queue: Batcher(
                 s,
-                s.batch_concurrency if s.batch_url else runtime.concurrency,
+                self._flows[s.queue].local_calls(
+                    s.batch_concurrency if s.batch_url else runtime.concurrency
+                ),
                 consumer.timer.call_after,
                 functools.partial(self._start_call, s),
+                self._flows[s.queue].closed_for,
             )
             for s in self.services.values()
         }
         self.events = TaskEvents(consumer)
+        self._announcer = Announcer(
+            consumer,
+            lambda: consumer.hostname,
+            self.services,
+            {name: flow.state for name, flow in runtime.flows.items()},
+            self._held,
+        )
         self._publisher: Publisher | None = None
+        self._callbacks = CallbackQueues(
+            functools.partial(consumer.call_soon, _safely),
+            runtime.config,
+            runtime.jobs,
+            runtime.callbacks,
+        )
         self._streams = Streams()
+        # The call threads the prefetch stands for: -c, or less under a concurrency cap.
+        self._slots = StreamSlots(consumer, runtime.concurrency - self.prefetch_cut)
+        # Under ``auto`` the prefetch follows the limit (``_follow_limit``).
+        self._auto = any(f.leases is not None and f.leases.auto for f in self._flows.values())
+        self._cut = self.prefetch_cut  # the cut applied (``cut_prefetch``)
         self._parts: deque[Callable[[], None]] = deque()
         self._cancel_queue = ""
         self._done: deque[tuple[ServiceConfig, list[Outcome], float]] = deque()
@@ -91,6 +133,51 @@ class Pipeline:
             s.batch_size * (s.batch_concurrency + 2) for s in self.services.values() if s.batch_url
         )
 
+    def _held(self, queue: str) -> int:
+        """Messages of ``queue`` taken and waiting for a call (``workers.announcer``)."""
+        return len(self._batchers[queue].waiting)
+
+    @property
+    def prefetch_cut(self) -> int:
+        """Prefetch (Celery's ``-c``) the single-mode services cannot use: under a
+        concurrency cap, a worker takes at most the cap's worth of requests, and the
+        rest stays in the queue for workers that can call."""
+        usable = sum(b.calls for q, b in self._batchers.items() if not self.services[q].batch_url)
+        single = any(not s.batch_url for s in self.services.values())
+        return max(0, self._runtime.concurrency - usable) if single else 0
+
+    def cut_prefetch(self) -> int:
+        """The cut to apply now (consumer thread, at start after Celery set ``-c``):
+        ``prefetch_cut``, but under ``auto`` after the current limit (``Flow.prefetch``).
+        Recorded: ``_follow_limit`` moves the prefetch from there as the limit moves."""
+        single = [q for q, s in self.services.items() if not s.batch_url]
+        threads = self._runtime.concurrency
+        usable = sum(self._flows[q].prefetch(threads) for q in single)
+        self._cut = max(0, threads - usable) if single else 0
+        return self._cut
+
+    def _follow_limit(self) -> None:
+        """Under ``auto``, after a call: the prefetch follows the limit (it may have moved),
+        so a worker holds about the calls it may make and leaves the rest in the queue."""
+        if not self._auto or not self._taking:
+            return
+        before = self._cut
+        by = before - self.cut_prefetch()  # a smaller cut: a larger prefetch
+        if by:
+            try:
+                shift(self._consumer, by)
+            except Exception as exc:  # the connection went: the reconnect sets it again
+                log.warning("could not follow the concurrency limit's prefetch: %r", exc)
+
+    def flow_state(self, service: str) -> FlowState:
+        """``service``'s pause and breaker state (``workers.flow.state``), by name."""
+        return self._runtime.flows[service].state
+
+    @property
+    def paused(self) -> bool:
+        """Not consuming because every call thread relays a stream (``workers.prefetch``)."""
+        return self._slots.paused
+
     @property
     def busy(self) -> bool:
         """Calls in flight, outcomes not handled yet, or publishes not confirmed."""
@@ -101,27 +188,35 @@ class Pipeline:
 
     def open(self, connection) -> None:
         """Start publishing on ``connection`` (after every connect; before consuming)."""
+        self._generation += 1
         self._publisher = Publisher(connection)
         self._publisher.declare_dead_queues(self.services)
+        if self._runtime.jobs is not None:  # only jobs have callbacks
+            self._callbacks.open(connection, self._publisher, list(self.services.values()))
         self._cancel_queue = self._publisher.listen_for_cancels(
             self._streams.cancel, self._runtime.config.cancel_users
         )
         for batcher in self._batchers.values():
             batcher.attach(connection.connection.sock)
         self._taking = True
+        self._slots.open()
+        self._announcer.open(connection)
 
     def stop_taking(self) -> None:
         """Consuming stopped: no new message is taken, and those waiting for a call are
         let go (unacknowledged, they come back from the broker when the channel closes).
         Calls in flight still answer."""
         self._taking = False
+        self._slots.close()
         for batcher in self._batchers.values():
             batcher.drop_waiting()
 
     def close(self) -> None:
         """The channel is going: what is unconfirmed now is the broker's to redeliver."""
         self.stop_taking()
+        self._announcer.close()
         self._streams.cancel_all()  # their parts could not be published any more
+        self._callbacks.close()
         if self._publisher is not None:
             self._publisher.close()
 
@@ -161,11 +256,12 @@ class Pipeline:
         if tracing.ENABLED:
             from workers.tracing import received
 
-            received(delivery)
-        self.events.received(delivery)
+            observe(received, delivery)
+        observe(self.events.received, delivery)
         if delivery.count == 1 and delivery.sent:
-            wait = max(0.0, time.time() * 1000 - delivery.sent) / 1000
-            metrics.queue_wait.labels(service.name).observe(wait)
+            observe(_queue_wait, delivery)
+        if delivery.count == 1 and delivery.replayed is not None:
+            observe(metrics.count, metrics.replayed_total, service.name)
         verdict = admit(
             delivery,
             healthy=self._runtime.health.healthy(service.name),
@@ -174,11 +270,11 @@ class Pipeline:
         if verdict is Verdict.CALL:
             self._batchers[service.queue].add(delivery)
         elif verdict is Verdict.EXPIRED:
-            metrics.expired_total.labels(service.name).inc()
-            self.events.expired(delivery)
             _ack(message)
-            if delivery.trace is not None:
-                delivery.trace.end(forwarding.timed_out(), "expired")
+            self._announcer.rates[service.queue].add()  # it left the queue too
+            observe(metrics.count, metrics.expired_total, service.name)
+            observe(self.events.expired, delivery)
+            self._trace_end(delivery, forwarding.timed_out(), "expired")
         elif verdict is Verdict.AGAIN:
             headers, properties = recounted(
                 message.headers, properties_of(message), delivery.count, delivery.request.deadline
@@ -186,8 +282,7 @@ class Pipeline:
             self._publisher.publish(
                 service.queue, message.body, headers, properties, self._settler(message)
             )
-            if delivery.trace is not None:
-                delivery.trace.end(None, "published again")
+            self._trace_end(delivery, None, "published again")
         else:
             reason = f"{delivery.count - 1} deliveries, PROXYMQ_MAX_DELIVERIES is "
             reason += str(service.max_deliveries)
@@ -216,15 +311,26 @@ class Pipeline:
     def _start_call(self, service: ServiceConfig, batch: list[Delivery]) -> None:
         """From the batcher, in the consumer thread: hand the call to a call thread."""
         now = time.monotonic()
-        for delivery in batch:
+        first = [d for d in batch if not d.started]  # not back from the flow control
+        for delivery in first:
             delivery.started = now
-            self.events.started(delivery)
-        if service.batch_url:
-            metrics.batch_wait.labels(service.name).observe(now - batch[0].taken)
-            metrics.batch_size.labels(service.name).observe(len(batch))
         self._work.put(functools.partial(self._call, service, batch))
+        self._announcer.rates[service.queue].add(len(first))  # retries left it once
+        for delivery in first:
+            observe(self.events.started, delivery)
+        if service.batch_url:
+            observe(metrics.measure, metrics.batch_wait, service.name, now - batch[0].taken)
+            observe(metrics.measure, metrics.batch_size, service.name, len(batch))
 
     def _call(self, service: ServiceConfig, batch: list[Delivery]) -> None:
+        flow = self._flows[service.queue]
+        try:
+            permit = self._enter(flow, service, batch)
+        except Exception:  # flow control never stops a service that would otherwise be served
+            log.exception("the flow control of %s failed; calling without it", service.name)
+            permit = UNCALLED
+        if permit is None:
+            return  # back to its batcher, to wait
         started = time.perf_counter()
         try:
             outcomes = self._call_and_store(service, batch)
@@ -232,8 +338,34 @@ class Pipeline:
             log.exception("a call of %s failed", service.name)
             reply = forwarding.unavailable(f"the worker failed: {type(exc).__name__}")
             outcomes = [(d, reply, PUBLISH if d.answers_a_client else REQUEUE) for d in batch]
-        self._done.append((service, outcomes, time.perf_counter() - started))
-        self._consumer.call_soon(_safely, self._finish_calls)
+        seconds = time.perf_counter() - started
+        # The call's answer: a single call's, or a batch call's that failed as a whole.
+        answer = outcomes[0][1] if len({id(o[1]) for o in outcomes}) == 1 else None
+        streamed = any(action == STREAMED for _, _, action in outcomes)
+        try:
+            flow.leave(permit, _outcome(answer, seconds, streamed))
+        finally:
+            self._done.append((service, outcomes, seconds))
+            self._consumer.call_soon(_safely, self._finish_calls)
+
+    def _enter(self, flow: Flow, service: ServiceConfig, batch: list[Delivery]) -> Permit | None:
+        """The flow control's permit for ``batch``'s call, or None when it must wait (it
+        is handed back to its batcher). A batch whose deadlines all passed needs none:
+        it is answered 504 without a call."""
+        now = time.monotonic()
+        if all(d.due <= now for d in batch):
+            return UNCALLED
+        entered = flow.enter()
+        batcher = self._batchers[service.queue]
+        if not isinstance(entered, Permit):
+            self._consumer.call_soon(_safely, batcher.refused, batch, entered)
+            return None
+        if batcher.held:
+            self._consumer.call_soon(_safely, batcher.admitted)
+        if flow.limited:
+            waited = now - min(d.started for d in batch)
+            observe(metrics.measure, flow_metrics.flow_wait, service.name, waited)
+        return entered
 
     def _call_and_store(self, service: ServiceConfig, batch: list[Delivery]) -> list[Outcome]:
         runtime = self._runtime
@@ -248,28 +380,49 @@ class Pipeline:
             call_started = time.perf_counter()
             limit = runtime.config.max_response_bytes
             if service.batch_url:
-                with _batch_span(service, live) as done:
+                with observing(_batch_span, service, live) as done:
                     replies = batch_call.call(runtime.http, live, limit)
                     done(replies)
             else:
                 replies = {d.correlation_id: self._call_one(d, limit, streamed) for d in live}
-            metrics.downstream_duration.labels(service.name).observe(
-                time.perf_counter() - call_started
-            )
-        outcomes: list[Outcome] = [(d, None, ACKNOWLEDGE) for d in skipped]
+            took = time.perf_counter() - call_started
+            observe(metrics.measure, metrics.downstream_duration, service.name, took)
+        outcomes: list[Outcome] = []
+        for delivery in skipped:
+            unsent = answering.unsent_callback(runtime, delivery)
+            outcomes.append((delivery, unsent, CALLBACK if unsent else ACKNOWLEDGE))
+        retry = self._retries.get(service.queue) if live else None
+        if retry is not None:
+            retry.called()
+            if service.batch_url and len({id(r) for r in replies.values()}) > 1:
+                retry = None  # a batch's items are retried only when the whole call failed
         for delivery in live:
             reply = replies[delivery.correlation_id]
-            metrics.downstream_requests_total.labels(service.name, str(reply.status)).inc()
-            streams = delivery.correlation_id in streamed
-            action = STREAMED if streams else self._store(delivery, reply)
+            status = str(reply.status)
+            observe(metrics.count, metrics.downstream_requests_total, service.name, status)
+            if delivery.correlation_id in streamed:
+                action = STREAMED
+            elif retry is not None and self._retry_due(retry, delivery, reply):
+                action = RETRY
+            else:
+                action = self._store(delivery, reply)
             outcomes.append((delivery, reply, action))
         return outcomes
+
+    @staticmethod
+    def _retry_due(retry: RetryPolicy, delivery: Delivery, reply: ReplyEnvelope) -> bool:
+        wait = retry.after(delivery, reply)
+        if wait is None:
+            return False
+        delivery.attempt += 1
+        delivery.retry_in = wait
+        return True
 
     def _call_one(self, delivery: Delivery, limit: int, streamed: set[str]) -> ReplyEnvelope:
         """A single call; an answer that streams is relayed here, part by part (and its
         correlation id added to ``streamed``)."""
         may_stream = delivery.answers_a_client and not delivery.request.job
-        with _call_span(delivery) as done:
+        with observing(_call_span, delivery) as done:
             result = forwarding.call(self._runtime.connections, delivery, limit, stream=may_stream)
             done(result)
         if not isinstance(result, Streaming):
@@ -278,8 +431,9 @@ class Pipeline:
         streamed.add(correlation_id)
         in_order = self._publish_in_order
         self._streams.add(correlation_id, stream_id, result)
+        slot = Slot()
         try:
-            in_order(functools.partial(self._publish_head, delivery, result, stream_id))
+            in_order(functools.partial(self._publish_head, delivery, result, stream_id, slot))
             numbers = itertools.count(1)  # the head is 0
 
             def send(kind: str, body: bytes) -> None:
@@ -290,7 +444,9 @@ class Pipeline:
             ended = result.relay(send, config.stream_idle_timeout, limit)
         finally:
             self._streams.remove(correlation_id, stream_id)
-        metrics.streams_total.labels(delivery.service.name, ended).inc()
+            # After its last part: its call thread is free again (``workers.prefetch``).
+            in_order(functools.partial(self._slots.release, slot))
+        observe(metrics.count, metrics.streams_total, delivery.service.name, ended)
         return result.head
 
     def _publish_in_order(self, step: Callable[[], None]) -> None:
@@ -308,13 +464,13 @@ class Pipeline:
         if not delivery.request.job:
             return PUBLISH if delivery.reply_to else ACKNOWLEDGE
         try:
-            answering.finish_job(self._runtime, delivery, reply)
+            callback_due = answering.finish_job(self._runtime, delivery, reply)
         except Exception:
             log.exception(
                 "could not store job %s; returning it to the queue", delivery.correlation_id
             )
             return REQUEUE
-        return ACKNOWLEDGE
+        return CALLBACK if callback_due else ACKNOWLEDGE
 
     # -- answers (consumer thread) ---------------------------------------------------------
 
@@ -328,49 +484,81 @@ class Pipeline:
                     _safely(self._settle_outcome, delivery, reply, action)
             finally:
                 self._batchers[service.queue].call_done(seconds)
+        self._follow_limit()
 
     def _settle_outcome(self, delivery: Delivery, reply: ReplyEnvelope | None, action: str) -> None:
-        if reply is not None:
-            self.events.answered(delivery, reply)
-        traced = delivery.trace
-        if traced is not None and action != PUBLISH:
-            traced.end(reply, action)
-        if action == STREAMED:
+        """Answer or settle first, observe after (a streamed answer is settled by its
+        head's confirm). A published reply's span starts before the publish and ends
+        after the request's ack, guarded on both ends."""
+        if action == RETRY:
+            retried = functools.partial(_safely, self._retry, delivery, self._generation)
+            self._consumer.timer.call_after(delivery.retry_in, retried)
             return
+        traced = delivery.trace
         if action == PUBLISH:
-            settled = self._settler(delivery.message)
-            if traced is not None:
-                settled = traced.replying(delivery.reply_to, reply, settled)
+            sent = None if traced is None else observe(traced.replying, delivery.reply_to, reply)
+            settled = then(self._settler(delivery.message), sent)
             self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, settled)
         elif action == REQUEUE:
             _requeue(delivery.message)
-        else:
+        elif action == CALLBACK:
+            settled = self._settler(delivery.message)
+            url, cid = delivery.request.callback, delivery.correlation_id
+            self._callbacks.enqueue(delivery.service.name, url, cid, reply, settled)
+        elif action != STREAMED:
             _ack(delivery.message)
+        if reply is not None:
+            observe(self.events.answered, delivery, reply)
+        if action != PUBLISH:
+            self._trace_end(delivery, reply, action)
+
+    def _retry(self, delivery: Delivery, generation: int) -> None:
+        """Its backoff is over: in line for a call again (through the flow control).
+        Not if its channel went meanwhile: the broker delivers it again."""
+        if self._taking and generation == self._generation:
+            self._batchers[delivery.service.queue].add(delivery)
+
+    @staticmethod
+    def _trace_end(delivery: Delivery, reply: ReplyEnvelope | None, outcome: str) -> None:
+        if delivery.trace is not None:
+            observe(delivery.trace.end, reply, outcome)
 
     def _answer_poison(self, delivery: Delivery, reply: ReplyEnvelope) -> None:
         """Tell a dead-lettered request's client (its message is settled by the dead
         letter's confirm): on its reply queue, or a job's in the result store."""
-        self.events.answered(delivery, reply)
-        if delivery.trace is not None:
-            delivery.trace.end(reply, "dead-lettered")
         if delivery.answers_a_client:
             self._publisher.reply(delivery.reply_to, delivery.correlation_id, reply, _ignore)
         elif delivery.request.job and self._runtime.jobs is not None:
-            self._work.put(functools.partial(self._store, delivery, reply))
+            self._work.put(functools.partial(self._store_poison, delivery, reply))
+        observe(self.events.answered, delivery, reply)
+        self._trace_end(delivery, reply, "dead-lettered")
 
-    def _publish_head(self, delivery: Delivery, streaming: Streaming, stream_id: str) -> None:
+    def _store_poison(self, delivery: Delivery, reply: ReplyEnvelope) -> None:
+        """In a call thread: a dead-lettered job's poison answer, stored, and its callback
+        published from the consumer thread (its message is settled by the dead letter)."""
+        if self._store(delivery, reply) == CALLBACK:
+            url, cid = delivery.request.callback, delivery.correlation_id
+            step = functools.partial(
+                self._callbacks.enqueue, delivery.service.name, url, cid, reply, _ignore
+            )
+            self._consumer.call_soon(_safely, step)
+
+    def _publish_head(
+        self, delivery: Delivery, streaming: Streaming, stream_id: str, slot: Slot
+    ) -> None:
         """A stream's status and headers. Its request is acknowledged as soon as the broker
         holds the head: a redelivery after that would start a second copy of a stream the
         client is already reading, so from then on a worker's death ends the stream
         instead (the gateway cuts the response off). Before the head, the request is
-        redelivered as any other."""
+        redelivered as any other. The ack does not free a prefetch slot while the call
+        thread still relays (``workers.prefetch``)."""
         headers = StreamPart(HEAD, stream_id, 0, self._cancel_queue).headers()
 
         def settled(outcome: str) -> None:
             if outcome != ACK:  # no gateway will read the rest
                 streaming.cancel()
             if outcome != LOST:
-                _ack(delivery.message)
+                self._slots.acknowledge(slot, functools.partial(_ack, delivery.message))
 
         body = encode_reply(streaming.head)
         self._publisher.reply_part(
@@ -403,6 +591,21 @@ class Pipeline:
         return settled
 
 
+def _outcome(answer: ReplyEnvelope | None, seconds: float, streamed: bool) -> CallOutcome:
+    """What the flow control learns from a call: its answer (a batch call's that went
+    well has none of its own), or that none came."""
+    if answer is None:
+        return CallOutcome(200, [], seconds)
+    return CallOutcome(
+        answer.status,
+        answer.headers,
+        seconds,
+        answered=answer.error != "downstream-unavailable",
+        cut_by_deadline=answer.error == "timeout",
+        streamed=streamed,
+    )
+
+
 def _call_span(delivery: Delivery):
     """The single call's client span while tracing is on, else nothing: one path either
     way, and ``workers.tracing`` (OpenTelemetry) is imported only when it is on."""
@@ -420,6 +623,11 @@ def _batch_span(service: ServiceConfig, batch: list[Delivery]):
     from workers.tracing import batch_call as traced
 
     return traced(service, batch)
+
+
+def _queue_wait(delivery: Delivery) -> None:
+    wait = max(0.0, time.time() * 1000 - delivery.sent) / 1000
+    metrics.queue_wait.labels(delivery.service.name).observe(wait)
 
 
 def _safely(step: Callable, *args) -> None:

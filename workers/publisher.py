@@ -128,7 +128,9 @@ class Publisher:
 
         Taken only as published straight to this queue (the default exchange), and, with
         ``users`` (``PROXYMQ_CANCEL_USERS``), only from those broker users: ``user_id``
-        is checked by the broker, as on replies.
+        is checked by the broker, as on replies. A message naming no stream is dropped
+        first and quietly: a gateway probes the queue so every 2 s while it streams
+        (``gateway.liveness``), and that must not log a word, whatever its user.
         """
         queue = new_cancel_queue()
         self._channel.queue_declare(queue, exclusive=True, auto_delete=True)
@@ -138,13 +140,14 @@ class Publisher:
             user = properties.get("user_id")
             if (route.get("exchange"), route.get("routing_key")) != ("", queue):
                 return
+            correlation_id = properties.get("correlation_id")
+            stream_id = cancelled_stream(properties.get("application_headers"))
+            if not isinstance(correlation_id, str) or stream_id is None:
+                return  # names no stream, cancels nothing: a gateway's probe, quietly
             if users is not None and user not in users:
                 log.warning("dropped a cancel from %r: not in PROXYMQ_CANCEL_USERS", user)
                 return
-            correlation_id = properties.get("correlation_id")
-            stream_id = cancelled_stream(properties.get("application_headers"))
-            if isinstance(correlation_id, str) and stream_id is not None:
-                cancel(correlation_id, stream_id)
+            cancel(correlation_id, stream_id)
 
         self._channel.basic_consume(queue, no_ack=True, callback=received)
         return queue

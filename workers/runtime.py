@@ -15,6 +15,7 @@ from proxymq.config import WorkerConfig
 from proxymq.jobs import JobStore
 from workers import forwarding
 from workers.callbacks import CallbackSender
+from workers.flow import Flow, flows
 from workers.health import HealthGate
 
 
@@ -27,6 +28,7 @@ class Runtime:
     health: HealthGate
     jobs: JobStore | None
     callbacks: CallbackSender
+    flows: dict[str, Flow]  # by service name (workers.flow)
 
     @classmethod
     def build(cls, config: WorkerConfig, concurrency: int) -> Runtime:
@@ -38,4 +40,5 @@ class Runtime:
             health=HealthGate(config.services),
             jobs=JobStore(config.result_url, config.job_ttl) if config.result_url else None,
             callbacks=CallbackSender(config.callback_secret, config.callback_allow_private),
+            flows=flows(config),
         )

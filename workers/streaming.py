@@ -58,6 +58,12 @@ class Streaming:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
+    def close(self) -> None:
+        """End the answer: read to its end, or dropped unread (cut off at its head)."""
+        self.response.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
     def relay(self, send: Callable[[str, bytes], None], idle: float, limit: int) -> str:
         """Read the body and ``send(kind, bytes)`` each part; return how it ended (END,
         ABORT, or CANCELLED).
@@ -87,9 +93,7 @@ class Streaming:
                 send(ABORT, b"")
                 return ABORT
         finally:
-            self.response.close()
-            with contextlib.suppress(OSError):
-                self.sock.close()
+            self.close()
         send(ABORT, b"")
         return CANCELLED
 

@@ -17,6 +17,13 @@ in the same trace as its first.
   it as the parent; a batch call is one ``POST batch <service>`` client span in a trace
   of its own, with a link to every item's process span.
 - ``publish <reply queue>`` (producer): the reply, from its publish to the broker's confirm.
+
+Nothing here reads a span back: a request the sampler left out (a client's
+``traceparent`` with its sampled flag off, a ratio sampler) has non-recording spans,
+which keep no attributes. What a later span needs (the correlation id) is kept on the
+``DeliveryTrace`` itself. Every function here is an observer: the pipeline calls it
+through ``workers.observers``, after the step it watches, so a failure here loses a span,
+never an answer or an ack.
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ _tracer = trace.get_tracer("proxymq.worker")
 class DeliveryTrace:
     """The spans of one delivery; made in the consumer thread at receipt."""
 
-    __slots__ = ("call_context", "context", "process")
+    __slots__ = ("call_context", "context", "correlation_id", "process")
 
     def __init__(self, delivery) -> None:
         queue, correlation_id = delivery.service.queue, delivery.correlation_id
+        self.correlation_id = correlation_id
         parent = tracing.extract(delivery.message.headers or {})
         now = time.time_ns()
         attributes = {
@@ -84,30 +92,25 @@ class DeliveryTrace:
             tracing.fail(span, reply.error, reply.message)
         span.end()
 
-    def replying(
-        self, reply_to: str, reply: ReplyEnvelope, settled: Callable[[str], None]
-    ) -> Callable[[str], None]:
-        """Start the reply's producer span; the returned ``settled`` ends it (and the
-        processing) when the broker answers for the reply."""
-        correlation_id = self.process.attributes.get(tracing.CORRELATION_ID, "")
+    def replying(self, reply_to: str, reply: ReplyEnvelope) -> Callable[[str], None]:
+        """Start the reply's producer span; the returned ``sent(outcome)`` ends it (and
+        the processing) once the broker has answered for the reply and the request is
+        settled."""
         span = _tracer.start_span(
             f"publish {reply_to}",
             context=self.context,
             kind=SpanKind.PRODUCER,
-            attributes=tracing.messaging("publish", reply_to, correlation_id),
+            attributes=tracing.messaging("publish", reply_to, self.correlation_id),
         )
 
-        def traced(outcome: str) -> None:
-            try:
-                settled(outcome)
-            finally:
-                span.set_attribute("proxymq.publish.outcome", outcome)
-                if outcome != ACK:
-                    span.set_status(Status(StatusCode.ERROR, f"reply {outcome}"))
-                span.end()
-                self.end(reply, "replied")
+        def sent(outcome: str) -> None:
+            span.set_attribute("proxymq.publish.outcome", outcome)
+            if outcome != ACK:
+                span.set_status(Status(StatusCode.ERROR, f"reply {outcome}"))
+            span.end()
+            self.end(reply, "replied")
 
-        return traced
+        return sent
 
 
 def received(delivery) -> None:

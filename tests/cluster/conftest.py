@@ -1,5 +1,5 @@
 import pytest
-from stack import PrivateCluster
+from support import PrivateCluster
 
 
 @pytest.fixture(scope="session")

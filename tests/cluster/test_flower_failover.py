@@ -14,7 +14,7 @@ import kombu.exceptions
 import psutil
 import pytest
 import requests
-from stack import Stack, free_port, unique_service, wait_for
+from support import Stack, free_port, unique_service, wait_for
 
 
 @pytest.fixture()

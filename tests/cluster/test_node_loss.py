@@ -24,15 +24,22 @@ import kombu
 import psutil
 import pytest
 import requests
-from stack import Stack, unique_service, wait_for
+from support import Scrape, Stack, unique_service, wait_for
 
 CLIENTS = 32
 TIMEOUT = 10  # X-ProxyMQ-Timeout, seconds
 MARGIN = 5  # the client's own timeout is TIMEOUT + MARGIN
 WARM_UP = 5.0  # seconds of load before the kill; the last 4 are the baseline
 AFTER = 12.0  # seconds of load after the kill (after the last restart when rolling)
-RECOVERY = 10.0  # throughput back to 80 % of the baseline within this
+RECOVERY = 10.0  # throughput back to FLOOR of the baseline within this, for good
+# With every part working, the stack settled at 70 to 80 % of the baseline after a kill
+# on a saturated machine, and at 60 % (1 s windows down to 48 %) in a run whose 4 s
+# baseline fell in a lull of others' jobs (docs/scaling.md): the old 80 %, then half,
+# failed healthy runs. A stalled stack makes 0; a stuck part is caught by
+# ``expect_components_back``, which throughput cannot tell.
+FLOOR = 1 / 3
 NAMED_503 = frozenset({"broker-unavailable", "queue-full"})
+SETTLED = 5.0  # seconds after the last kill (or all back) from which every request is a 200
 
 
 @dataclass
@@ -64,6 +71,9 @@ class Load:
         return self
 
     def stop(self) -> None:
+        # Windows end here: after it no client starts a request, and a window across
+        # it would count only the tail of the ones in flight.
+        self.stopped_at = time.monotonic()
         self.stopping.set()
         for thread in self.threads:
             thread.join(TIMEOUT + MARGIN + 5)
@@ -207,19 +217,28 @@ def report(
     called_then_503 = Counter(by_key[key].error for key in calls if by_key[key].status == 503)
     first = killed_at[0]
     baseline = load.rate(first - 4, first)
-    windows = []
+    windows = []  # (offset from the first kill, 200/s)
     t = first
-    while t + 1 <= max(o.ended for o in outcomes):
+    while t + 1 <= load.stopped_at:
         windows.append((t - first, load.rate(t, t + 1)))
         t += 0.5
-    recovered = _stays_above(windows, 0.0, 0.8 * baseline)
+    recovered = _stays_above(windows, 0.0, FLOOR * baseline)
     # After the last kill, or (rolling restart) once every node is back: a node booting
     # on this 2-CPU machine takes CPU from the load that no product could give back.
     last = killed_at[-1] if back_at is None else back_at
-    recovered_last = _stays_above(windows, last - first, 0.8 * baseline)
+    recovered_last = _stays_above(windows, last - first, FLOOR * baseline)
     if recovered_last is not None:
         recovered_last -= last - first
     dip = min((rate for offset, rate in windows if offset <= RECOVERY), default=0.0)
+    settled_rate = load.rate(load.calm_at + SETTLED, load.stopped_at)
+    settled = [o for o in outcomes if o.started >= load.calm_at + SETTLED]
+    settled_not_200 = [o for o in settled if o.status != 200]
+    gateway_200s = [
+        sum(1 for o in settled if o.gateway == index and o.status == 200)
+        for index in range(len(load.gateways))
+    ]
+    calls_then, calls_at_end = load.worker_calls
+    worker_calls = [end - then for then, end in zip(calls_then, calls_at_end, strict=True)]
     per_gateway_gap = {}
     for index in range(len(load.gateways)):
         after = [
@@ -247,16 +266,20 @@ def report(
         "answered_200_without_a_call": len(answered_not_called),
         "baseline_per_s": round(baseline, 1),
         "lowest_1s_window_per_s": round(dip, 1),
-        "back_to_80pct_after_s": recovered,
-        "back_to_80pct_after_last_kill_s"
+        "pct_of_baseline_from_5s_after_calm": round(100 * settled_rate / baseline),
+        "back_to_floor_after_s": recovered,
+        "back_to_floor_after_last_kill_s"
         if back_at is None
-        else "back_to_80pct_after_all_back_s": (recovered_last),
+        else "back_to_floor_after_all_back_s": (recovered_last),
         "first_200_after_kill_per_gateway_s": per_gateway_gap,
         "503_by_second_after_kill": when,
         "kills_at_s": [round(t - first, 1) for t in killed_at],
         "200_per_s_by_second_after_kill": [
             round(rate) for offset, rate in windows if offset == int(offset)
         ],
+        "not_200_started_5s_after_calm": len(settled_not_200),
+        "200_per_gateway_from_5s_after_calm": gateway_200s,
+        "worker_calls_from_5s_after_calm": worker_calls,
     }
     print(f"\n[cluster] {name}: {json.dumps(counts)}")
     for o in lost[:10]:
@@ -266,7 +289,30 @@ def report(
     assert not answered_not_called
     # The queue has no length limit: a nack is a failover's, retried (gateway/refusals.py).
     assert errors["queue-full"] == 0, f"{errors['queue-full']} answered queue-full"
+    expect_components_back(settled_not_200, gateway_200s, worker_calls)
     return counts
+
+
+def expect_components_back(
+    settled_not_200: list[Outcome], gateway_200s: list[int], worker_calls: list[int]
+) -> None:
+    """Every part of the stack works again, whatever the CPU left to it: of the requests
+    started SETTLED s after the last kill (or after every node is back), none is
+    answered other than 200 (a publishing channel nacked for good answers 503), each
+    gateway answers at least a quarter of the 200s (the clients take turns; a gateway
+    stuck publishing holds every client that turns to it, and none is answered), and
+    each worker makes at least a quarter of the downstream calls (a consumer cancelled
+    by the quorum queue and never subscribed again makes none; the queue spreads the
+    requests evenly over its consumers)."""
+    assert not settled_not_200, f"{len(settled_not_200)} not 200, e.g. {settled_not_200[:3]}"
+    _each_takes_a_quarter(gateway_200s, "gateway answered", "200s")
+    _each_takes_a_quarter(worker_calls, "worker made", "downstream calls")
+
+
+def _each_takes_a_quarter(shares: list[int], who: str, what: str) -> None:
+    assert sum(shares) and all(share >= sum(shares) / 4 for share in shares), (
+        f"a {who} less than a quarter of the {what}: {shares}"
+    )
 
 
 def _stays_above(windows: list[tuple[float, float]], since: float, floor: float) -> float | None:
@@ -282,15 +328,31 @@ def _stays_above(windows: list[tuple[float, float]], since: float, floor: float)
 
 def run_load(system, service, action) -> tuple[Load, list[float]]:
     """Load for WARM_UP s, then ``action()`` (returns the kill times), then AFTER s."""
-    _, gateways = system
+    workers, gateways = system
     load = Load(gateways, service).start()
     try:
         time.sleep(WARM_UP)
         killed_at = action()
-        time.sleep(AFTER)
+        load.calm_at = time.monotonic()  # the last kill, or every node back
+        time.sleep(SETTLED)
+        before = worker_calls(workers)
+        time.sleep(AFTER - SETTLED)
     finally:
         load.stop()
+    load.worker_calls = (before, worker_calls(workers))
     return load, killed_at
+
+
+def worker_calls(workers) -> list[int]:
+    """Each worker's downstream calls so far, from its own metrics."""
+    return [
+        int(
+            Scrape(f"http://127.0.0.1:{w.env['PROXYMQ_WORKER_METRICS_PORT']}/metrics").value(
+                "proxymq_worker_downstream_requests_total"
+            )
+        )
+        for w in workers
+    ]
 
 
 def settle(cluster, downstream, service) -> None:
@@ -326,16 +388,18 @@ def test_kill_the_request_queues_leader(cluster, system, downstream, service):
     settle(cluster, downstream, service)
     counts = report(f"kill -9 the queue leader {killed[0]}", load, downstream, killed_at)
     assert new_leader.name != killed[0]
-    expect_recovery(counts["back_to_80pct_after_s"])
+    expect_recovery(counts["back_to_floor_after_s"])
 
 
 def expect_recovery(recovered: float | None) -> None:
-    """Throughput back to 80 % of the baseline within RECOVERY seconds, for good. It once
+    """Throughput back to FLOOR of the baseline within RECOVERY seconds, for good. It once
     was not, now and then: a gateway that reconnected from the dead node first published
     before the new leader was recorded, and RabbitMQ 3.10 nacked that channel's every
-    publish until the end of the run (test_quorum_publish.py pins the cure)."""
+    publish until the end of the run (test_quorum_publish.py pins the cure). The floor is
+    a third, not 80 % (FLOOR): on this shared machine a working cluster settled at 60 to
+    80 % of a baseline taken a minute earlier."""
     assert recovered is not None and recovered <= RECOVERY, (
-        f"throughput not back to 80 % within {RECOVERY} s ({recovered})"
+        f"throughput not back to {FLOOR:.0%} within {RECOVERY} s ({recovered})"
     )
 
 
@@ -355,7 +419,7 @@ def test_kill_the_node_a_gateway_is_connected_to(cluster, system, downstream, se
     settle(cluster, downstream, service)
     counts = report(f"kill -9 gateway 0's node {killed[0].name}", load, downstream, killed_at)
     assert moved_to is not killed[0]
-    expect_recovery(counts["back_to_80pct_after_s"])
+    expect_recovery(counts["back_to_floor_after_s"])
 
 
 def test_rolling_restart_kills_each_node_in_turn(cluster, system, downstream, service):
@@ -377,4 +441,4 @@ def test_rolling_restart_kills_each_node_in_turn(cluster, system, downstream, se
     settle(cluster, downstream, service)
     name = "rolling restart, kill -9 each node in turn"
     counts = report(name, load, downstream, killed_at, back[0])
-    expect_recovery(counts["back_to_80pct_after_all_back_s"])
+    expect_recovery(counts["back_to_floor_after_all_back_s"])

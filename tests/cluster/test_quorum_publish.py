@@ -20,7 +20,7 @@ from collections import Counter
 import amqp
 import kombu
 import requests
-from stack import Stack, unique_service, wait_for
+from support import Stack, unique_service, wait_for
 
 from proxymq.config import ServiceConfig
 from proxymq.confirms import ACK, NACK, ConfirmTracker

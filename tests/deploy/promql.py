@@ -56,6 +56,7 @@ def unknown_metrics(expr: str) -> set[str]:
     integration test) nor another exporter's."""
     return {n for n in metric_names(expr) if not n.startswith("proxymq_")} - OTHER_EXPORTERS
 
+
 _KEYWORDS = {
     "by",
     "without",

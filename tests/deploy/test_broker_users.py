@@ -55,6 +55,18 @@ CASES = [
     ("gateway", "write", "celery.pidbox", False),
     ("gateway", "write", "celeryev", False),
     ("gateway", "configure", "celeryev.abc", False),
+    # the services' states: gateways declare the exchange and bind a queue of their own to
+    # it (write on the queue, read on the exchange); only workers publish to it
+    ("gateway", "configure", "proxymq.status", True),
+    ("gateway", "read", "proxymq.status", True),
+    ("gateway", "write", "amq.gen-Xy1_z", True),
+    ("gateway", "write", "proxymq.status", False),
+    ("gateway", "configure", "proxymq.statusx", False),
+    ("workers", "configure", "proxymq.status", True),
+    ("workers", "write", "proxymq.status", True),
+    ("workers", "read", "proxymq.status", False),
+    ("observer", "write", "proxymq.status", False),
+    ("monitoring", "write", "proxymq.status", False),
     # workers: service queues, dead letters, replies, Celery's pidbox/events/gossip/mingle
     ("workers", "configure", "url_fetcher_requests", True),
     ("workers", "configure", "url_fetcher_requests.dead", True),
@@ -69,6 +81,14 @@ CASES = [
     ("workers", "configure", "0c5e.reply.celery.pidbox", True),
     ("workers", "write", "celeryev", True),
     ("workers", "read", "celeryev.3f2a", True),
+    # job callbacks and their retry queues (a queue with a dead-letter exchange needs read)
+    ("workers", "configure", "url_fetcher_callbacks", True),
+    ("workers", "read", "url_fetcher_callbacks", True),
+    ("workers", "configure", "url_fetcher_callbacks.retry.5000", True),
+    ("workers", "read", "url_fetcher_callbacks.retry.5000", True),
+    ("gateway", "read", "url_fetcher_callbacks", False),
+    ("gateway", "configure", "url_fetcher_callbacks.retry.5000", False),
+    ("observer", "read", "url_fetcher_callbacks", False),
     ("workers", "configure", "proxymq.cancel.5f0c", True),  # its stream cancel queue
     ("workers", "read", "proxymq.cancel.5f0c", True),
     ("gateway", "configure", "proxymq.cancel.5f0c", False),
@@ -135,7 +155,8 @@ def test_guest_is_deleted_and_passwords_go_on_stdin():
 
 def test_checks_can_fail():
     broad = BROKER_START.read_text().replace(
-        "'^amq\\.gen-.*$' \\\n    '^amq\\.default$'", "'.*' \\\n    '.*'"
+        "'^(amq\\.gen-.*|proxymq\\.status)$' \\\n    '^(amq\\.default|amq\\.gen-.*)$'",
+        "'.*' \\\n    '.*'",
     )
     assert users(broad)["gateway"]["configure"] == ".*"
     with pytest.raises(AssertionError):

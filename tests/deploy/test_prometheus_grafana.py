@@ -19,6 +19,8 @@ EXPECTED_ALERTS = {
     "ProxyMQHighErrorRatio",
     "ProxyMQHighTimeoutRatio",
     "ProxyMQDeadLetters",
+    "ProxyMQBreakerOpen",
+    "ProxyMQServicePaused",
 }
 
 
@@ -176,8 +178,11 @@ def test_dashboard_covers_the_required_views():
         "proxymq_gateway_inflight",
         "proxymq_gateway_timeouts_total",
         "proxymq_gateway_shed_total",
+        'reason=~"service-unavailable|deadline-unreachable"',
         "proxymq_worker_expired_total",
         "proxymq_worker_dead_lettered_total",
+        "proxymq_worker_concurrency_limit",
+        "proxymq_worker_flow_wait_seconds_bucket",
     ):
         assert needle in exprs, needle
     for where, expr in dashboard_queries():

@@ -23,7 +23,7 @@ import amqp
 import kombu
 import pytest
 import requests
-from stack import (
+from support import (
     BROKER_URL,
     consumers,
     delete_queues,

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from stack import RawServer, Scrape, consumers, free_port, unique_service, wait_for
+from support import RawServer, Scrape, consumers, free_port, unique_service, wait_for
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -136,6 +136,69 @@ def test_an_anonymous_replay_never_carries_the_first_answers_set_cookie(
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Set-Cookie" not in again.headers
     assert len(calls_keyed(downstream, idem)) == 1
+
+
+ASYNC = {"Prefer": "respond-async"}
+SID = {"Cookie": "sid=A"}
+
+
+@pytest.mark.parametrize(
+    ("first_sent", "repeat_sent", "refused"),
+    [
+        (ASYNC, ASYNC, True),
+        (ASYNC, {}, True),
+        (ASYNC, {"Prefer": "respond-async, wait=5"}, True),
+        ({**ASYNC, **SID}, ASYNC, False),
+        (ASYNC, {**ASYNC, **SID}, False),
+    ],
+    ids=["async-repeat", "sync-repeat", "waiting-repeat", "cookie-first", "cookie-repeat"],
+)
+def test_an_anonymous_repeat_of_a_job_never_names_the_job(
+    gateway, jobs_service, downstream, first_sent, repeat_sent, refused
+):
+    """An anonymous job is read by whoever holds its id, and every anonymous client
+    shares one scope: a replay would hand the id (and so the answer) to anyone who
+    sends the same key. The repeat is refused instead; a cookie on one side makes it
+    another submitter's request, a job of its own."""
+    body, idem = uuid.uuid4().bytes, key()
+    first = post(gateway, jobs_service, "/x", body, **{**first_sent, "Idempotency-Key": idem})
+    assert first.status_code == 202, first.text
+    job_id = first.json()["id"]
+    wait_for(lambda: requests.get(gateway.url + first.headers["Location"]).status_code == 200,
+             10, "the first job")  # fmt: skip
+    repeat = post(gateway, jobs_service, "/x", body, **{**repeat_sent, "Idempotency-Key": idem})
+    named = job_id in repeat.text or any(job_id in value for value in repeat.headers.values())
+    assert not named and body not in repeat.content
+    if refused:
+        assert repeat.status_code == 409, repeat.text
+        assert repeat.headers["X-ProxyMQ-Error"] == "anonymous-job-replay"
+        assert "Idempotent-Replayed" not in repeat.headers
+        assert len(calls_with(downstream, body)) == 1  # refused, not submitted again
+    else:
+        assert repeat.status_code == 202 and "Idempotent-Replayed" not in repeat.headers
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [{"Authorization": ""}, {"Cookie": ""}, {"Authorization": "", "Cookie": ""}],
+    ids=["authorization", "cookie", "both"],
+)
+def test_an_empty_credential_or_cookie_is_no_credential(gateway, served, jobs_service, empty):
+    """A header sent empty names nobody: were it a scope of its own, every client
+    sending it would share that scope and get each other's Set-Cookie and jobs."""
+    idem = key()
+    first = whoami(gateway, served, idem, **empty)
+    assert first.status_code == 200 and first.headers["Set-Cookie"].startswith("session=")
+    for sent in (empty, {}):  # the same as sending none: one anonymous scope
+        again = whoami(gateway, served, idem, **sent)
+        assert again.headers.get("Idempotent-Replayed") == "true", sent
+        assert again.content == first.content and "Set-Cookie" not in again.headers, sent
+    body, idem = uuid.uuid4().bytes, key()
+    headers = {**empty, **ASYNC, "Idempotency-Key": idem}
+    job = post(gateway, jobs_service, "/x", body, **headers)
+    assert job.status_code == 202
+    repeat = post(gateway, jobs_service, "/x", body, **headers)
+    assert repeat.status_code == 409 and job.json()["id"] not in repeat.text
 
 
 def test_a_malformed_key_is_400(gateway, served):
@@ -403,18 +466,17 @@ def test_a_job_with_a_key_is_submitted_once_and_its_repeat_gets_the_same_job(
     service = unique_service("idemjob")
     stack.worker(service, downstream.url, PROXYMQ_RESULT_URL=RESULT_URL)
     body, idem = uuid.uuid4().bytes, key()
-    headers = {"Prefer": "respond-async", "Idempotency-Key": idem}
+    headers = {"Prefer": "respond-async", "Idempotency-Key": idem, "Authorization": "Bearer j"}
     first = post(gateway, service, "/x", body, **headers)
     again = post(gateway, service, "/x", body, **headers)
     assert first.status_code == again.status_code == 202
     assert again.headers["Location"] == first.headers["Location"]
     assert again.headers["Idempotent-Replayed"] == "true"
     wait_for(lambda: calls_with(downstream, body), 10, "the job's call")
-    done = requests.get(gateway.url + first.headers["Location"])
-    wait_for(
-        lambda: requests.get(gateway.url + first.headers["Location"]).status_code == 200, 10, "job"
-    )
-    done = requests.get(gateway.url + first.headers["Location"])
+    job = gateway.url + first.headers["Location"]
+    owner = {"Authorization": "Bearer j"}
+    wait_for(lambda: requests.get(job, headers=owner).status_code == 200, 10, "job")
+    done = requests.get(job, headers=owner)
     assert done.content == body
     assert len(calls_with(downstream, body)) == 1
 
@@ -486,7 +548,7 @@ def test_a_quorum_queue_with_priorities_is_refused_at_start(stack, downstream):
 def queued_priorities(queue: str, count: int) -> list[int | None]:
     """Take ``count`` messages off ``queue`` (the test's own): their AMQP priorities."""
     import kombu
-    from stack import BROKER_URL
+    from support import BROKER_URL
 
     with kombu.Connection(BROKER_URL) as connection:
         channel = connection.default_channel
@@ -515,7 +577,7 @@ def test_a_client_priority_is_ignored_unless_allowed_and_capped_at_the_setting(s
 
 def queue_depth(queue: str) -> int:
     import kombu
-    from stack import BROKER_URL
+    from support import BROKER_URL
 
     with kombu.Connection(BROKER_URL) as connection:
         return connection.default_channel.queue_declare(queue, passive=True)[1]
@@ -635,3 +697,42 @@ def test_under_backlog_batches_take_higher_priorities_first(stack, gateway):
         assert max(positions) < 20, positions
     finally:
         endpoint.server.shutdown()
+
+
+# -- headers only the gateway sets ---------------------------------------------------------
+
+
+class ImpostorDownstream(RawServer):
+    """Answers with the headers that mark the gateway's own answers: its error code, a
+    correlation id, a replay; as a whole answer or as an event stream."""
+
+    def answer(self, conn: socket.socket) -> None:
+        request = conn.recv(65536)
+        streamed = b"/stream" in request.split(b"\r\n")[0]
+        head = (
+            "HTTP/1.1 200 OK\r\nX-ProxyMQ-Error: queue-full\r\nX-Correlation-ID: forged\r\n"
+            "Idempotent-Replayed: true\r\nX-Keep: yes\r\n"
+        )
+        if streamed:
+            head += "Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            conn.sendall(head.encode() + b"3\r\nok\n\r\n0\r\n\r\n")
+        else:
+            conn.sendall(head.encode() + b"Content-Length: 3\r\n\r\nok\n")
+        with contextlib.suppress(OSError):
+            conn.recv(1)
+        conn.close()
+
+
+@pytest.mark.parametrize("path", ["/whole", "/stream"])
+def test_a_downstream_cannot_pass_its_answer_off_as_the_gateways(stack, gateway, path):
+    """SPEC: a client can always tell the gateway's own errors from the downstream's
+    answers, by ``X-ProxyMQ-Error``; and an answer has one correlation id, the
+    gateway's, and is a replay only when the gateway says so."""
+    service = unique_service("impostor")
+    stack.worker(service, ImpostorDownstream().url)
+    response = requests.get(f"{gateway.url}/{service}{path}", timeout=30)
+    assert (response.status_code, response.content) == (200, b"ok\n")
+    assert response.headers["X-Keep"] == "yes"
+    assert "X-ProxyMQ-Error" not in response.headers
+    assert "Idempotent-Replayed" not in response.headers
+    assert uuid.UUID(response.headers["X-Correlation-ID"])  # one, the gateway's

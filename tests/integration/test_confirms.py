@@ -9,7 +9,7 @@ import uuid
 import amqp
 import kombu
 import pytest
-from stack import BROKER_URL
+from support import BROKER_URL
 
 from proxymq.confirms import ACK, LOST, NACK, RETURNED, ConfirmTracker
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import kombu
 import requests
-from stack import BROKER_URL, TaskEventsTap, unique_service, wait_for
+from support import BROKER_URL, TaskEventsTap, unique_service, wait_for
 
 
 def test_events_of_back_to_back_requests_share_messages_and_none_is_lost(stack, downstream):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-from stack import free_port, unique_service
+from support import free_port, unique_service
 
 WORDS = ["streams", "are", "relayed", "part", "by", "part", "through", "the", "reply", "queue"]
 DELAY = 0.15
@@ -20,7 +20,7 @@ def words(stack):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = stack.run("words", ["gunicorn", "examples.words:app", "-b", f"127.0.0.1:{port}"])
-    stack._await(process, lambda: requests.get(url + "/healthz", timeout=1).ok, "words")
+    stack.await_ready(process, lambda: requests.get(url + "/healthz", timeout=1).ok, "words")
     return url
 
 

@@ -19,7 +19,8 @@ import pytest
 import requests
 import yaml
 from deploy.promql import metric_names, substitute_grafana_variables
-from stack import (
+from poison_requests import publish_poison
+from support import (
     BROKER_URL,
     ROOT,
     Scrape,
@@ -30,6 +31,7 @@ from stack import (
     unique_service,
     wait_for,
 )
+from test_dead_letters import correlation_ids, deadletters
 
 from proxymq.envelope import RequestEnvelope, task_message
 
@@ -43,6 +45,7 @@ def services():
     names = {role: unique_service(role) for role in ("plain", "words", "batch", "shed")}
     yield names
     delete_queues(*(f"{n}_requests" for n in names.values()), f"{names['plain']}_requests.dead")
+    delete_queues(*(f"{n}_callbacks{tail}" for n in names.values() for tail in ("", ".retry.5000")))
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +55,12 @@ def running(stack, downstream, services):
     words = f"http://127.0.0.1:{words_port}"
     args = ["gunicorn", "examples.words:app", "-b", f"127.0.0.1:{words_port}"]
     process = stack.run("words", args)
-    stack._await(process, lambda: requests.get(words + "/healthz", timeout=1).ok, "words")
+    stack.await_ready(process, lambda: requests.get(words + "/healthz", timeout=1).ok, "words")
     fetcher = stack.fetcher()
     config = stack.dir / "metrics-services.toml"
     config.write_text(
         f'[services.{services["plain"]}]\ndownstream_url = "{downstream.url}"\n'
+        "max_concurrency = 64\nretries = 1\nretry_budget = 1\n"  # the flow control's series
         f'[services.{services["words"]}]\ndownstream_url = "{words}"\n'
         f'[services.{services["batch"]}]\ndownstream_url = "{fetcher}"\n'
         f'batch_url = "{fetcher}/batch"\nbatch_size = 4\nbatch_wait_ms = 2000\n'
@@ -71,9 +75,11 @@ def running(stack, downstream, services):
         PROXYMQ_CONFIG=str(config),
         PROXYMQ_RESULT_URL=RESULT_URL,
         PROXYMQ_WORKER_METRICS_PORT=str(worker_port),
+        PROXYMQ_CALLBACK_ALLOW_PRIVATE="true",
+        PROXYMQ_CALLBACK_RETRIES="0",
     )
     for role in ("plain", "words", "batch"):
-        stack._await(worker, lambda r=role: consumers(f"{services[r]}_requests") == 1, role)
+        stack.await_ready(worker, lambda r=role: consumers(f"{services[r]}_requests") == 1, role)
     gateway = stack.gateway(PROXYMQ_RESULT_URL=RESULT_URL)
     return gateway, f"{gateway.url}/metrics", f"http://127.0.0.1:{worker_port}/metrics"
 
@@ -127,6 +133,25 @@ def test_a_job_is_counted_submitted_at_the_gateway_and_completed_at_the_worker(r
     assert gateway_jobs("proxymq_gateway_jobs_total", service=plain, event="submitted") == 1
     worker_jobs = Scrape(worker_metrics).value
     assert worker_jobs("proxymq_worker_jobs_total", service=plain, outcome="completed") == 1
+
+
+def test_a_job_callback_failing_for_good_is_counted(running, services, downstream):
+    gateway, _, worker_metrics = running
+    plain = services["plain"]
+    refusing = downstream.url + "/status/500"  # PROXYMQ_CALLBACK_RETRIES=0: one attempt
+    headers = {"Prefer": "respond-async", "X-ProxyMQ-Callback": refusing}
+    accepted = post(gateway, plain, "/job", b"called", **headers)
+    assert poll_until_done(gateway, accepted.headers["Location"]).status_code == 200
+    wait_for(
+        lambda: (
+            Scrape(worker_metrics).value(
+                "proxymq_worker_callbacks_total", service=plain, outcome="failed"
+            )
+            == 1
+        ),
+        15,
+        "the failed callback to be counted",
+    )
 
 
 def test_a_stream_counts_its_bytes_at_the_gateway_and_its_end_at_the_worker(running, services):
@@ -183,6 +208,20 @@ def test_an_undecodable_message_is_counted_dead_lettered(running, services):
     )
 
 
+def test_a_replayed_dead_letter_is_counted_as_the_worker_takes_it(running, services, downstream):
+    _, _, worker_metrics = running
+    plain = services["plain"]
+    (correlation_id,) = publish_poison(plain, 1)
+    wait_for(
+        lambda: correlation_id in correlation_ids(f"{plain}_requests.dead"), 15, "the dead letter"
+    )
+    replayed = deadletters("replay", plain)
+    assert replayed.returncode == 0, replayed.stderr
+    wait_for(lambda: downstream.requests_for(correlation_id), 15, "the replayed call")
+    scrape = Scrape(worker_metrics)
+    assert scrape.value("proxymq_worker_replayed_total", service=plain) == 1
+
+
 def test_a_request_taken_past_its_deadline_is_counted_expired(running, services, downstream):
     """The broker drops a request whose ``expiration`` ran out in the queue; the worker
     drops one that arrives past its deadline all the same (the deadline is the gateway's
@@ -203,6 +242,18 @@ def test_a_request_taken_past_its_deadline_is_counted_expired(running, services,
         "the expired request to be counted",
     )
     assert downstream.requests_for(correlation_id) == []
+
+
+def test_a_retry_is_counted_by_reason_and_the_flow_series_are_there(running, services):
+    gateway, _, worker_metrics = running
+    plain = services["plain"]
+    answer = requests.get(f"{gateway.url}/{plain}/status/503", timeout=30)
+    assert answer.status_code == 503  # the last attempt's answer
+    scrape = Scrape(worker_metrics)
+    assert scrape.value("proxymq_worker_retries_total", service=plain, reason="503") == 1
+    assert scrape.value("proxymq_worker_concurrency_limit", service=plain) == 64
+    assert scrape.value("proxymq_worker_flow_degraded", service=plain) == 0
+    assert scrape.value("proxymq_worker_breaker_open", service=plain) == 0
 
 
 def test_a_full_queue_sheds_and_is_counted(running, services):

@@ -7,7 +7,7 @@ import time
 import kombu
 import pytest
 import requests
-from stack import (
+from support import (
     BROKER_URL,
     PrivateBroker,
     consumers,

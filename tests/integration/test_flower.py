@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
-from stack import BROKER_URL, Gateway, Process, free_port, wait_for
+from support import BROKER_URL, Gateway, Process, free_port, wait_for
 
 SECRET = "do-not-show-this-body-9f1c2e"
 

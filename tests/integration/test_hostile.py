@@ -13,7 +13,7 @@ import amqp
 import kombu
 import pytest
 import requests
-from stack import RawServer, broker_user, free_port, unique_service, wait_for
+from support import RawServer, broker_user, free_port, unique_service, wait_for
 
 from proxymq.envelope import ReplyEnvelope, encode_reply
 

@@ -12,7 +12,7 @@ import kombu
 import pytest
 import redis
 import requests
-from stack import (
+from support import (
     BROKER_URL,
     RawServer,
     TaskEventsTap,
@@ -279,6 +279,8 @@ def test_a_callback_redirect_is_not_followed(stack, gateway, downstream):
         downstream,
         PROXYMQ_CALLBACK_SECRET="s3cret",
         PROXYMQ_CALLBACK_ALLOW_PRIVATE="true",
+        PROXYMQ_CALLBACK_RETRIES="2",
+        PROXYMQ_CALLBACK_DELAY_SCALE="0.1",  # retries after 0.5 s and 3 s
     )
     location = submit(gateway, service, "/x", **{"X-ProxyMQ-Callback": receiver.url}).headers[
         "Location"
@@ -292,7 +294,13 @@ def test_a_callback_redirect_is_not_followed(stack, gateway, downstream):
 
 def test_a_callback_url_s_credentials_and_query_never_reach_the_log(stack, gateway, downstream):
     service = unique_service("cblog")
-    victim = worker(stack, service, downstream, PROXYMQ_CALLBACK_ALLOW_PRIVATE="true")
+    victim = worker(
+        stack,
+        service,
+        downstream,
+        PROXYMQ_CALLBACK_ALLOW_PRIVATE="true",
+        PROXYMQ_CALLBACK_DELAY_SCALE="0.1",  # retries after 0.5 s and 3 s
+    )
     closed = free_port()  # nothing listens: every attempt fails and is logged
     url = f"http://user:hunter2@127.0.0.1:{closed}/hook%0d%0aFORGED?token=abc"
     location = submit(gateway, service, "/x", **{"X-ProxyMQ-Callback": url}).headers["Location"]

@@ -5,7 +5,7 @@ import threading
 
 import psutil
 import requests
-from stack import unique_service
+from support import unique_service
 
 local = threading.local()
 

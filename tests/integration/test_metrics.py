@@ -3,7 +3,7 @@
 import re
 
 import requests
-from stack import free_port, unique_service, wait_for
+from support import free_port, unique_service, wait_for
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -45,7 +45,7 @@ from urllib.parse import quote, unquote
 import pytest
 from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
-from stack import RawServer, delete_queues, unique_service
+from support import RawServer, delete_queues, unique_service
 
 MAX_HEADER_BYTES = 3000
 MAX_BODY_BYTES = 4096

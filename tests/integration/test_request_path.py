@@ -10,7 +10,7 @@ import time
 
 import pytest
 import requests
-from stack import consumers, queue_exists, unique_service, wait_for
+from support import consumers, queue_exists, unique_service, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +226,7 @@ def test_head_keeps_the_downstreams_content_length(gateway, service):
 
 def test_no_reply_within_the_wait_is_504_and_the_late_reply_is_dropped(gateway, service):
     started = time.monotonic()
-    response = requests.get(
-        url(gateway, service, "/sleep/3"), headers={"X-ProxyMQ-Timeout": "0.5"}
-    )
+    response = requests.get(url(gateway, service, "/sleep/3"), headers={"X-ProxyMQ-Timeout": "0.5"})
     elapsed = time.monotonic() - started
     assert response.status_code == 504
     assert response.headers["X-ProxyMQ-Error"] == "timeout"

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import requests
-from stack import BIN, ROOT, base_env, unique_service
+from support import BIN, ROOT, base_env, unique_service
 
 
 def run(args, **env):

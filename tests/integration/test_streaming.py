@@ -16,7 +16,7 @@ import amqp
 import kombu
 import pytest
 import requests
-from stack import (
+from support import (
     BROKER_URL,
     RawServer,
     broker_user,
@@ -275,6 +275,46 @@ def test_a_worker_killed_mid_stream_cuts_the_answer_off_and_nothing_is_spliced_i
     assert len(endless.calls) == 1  # acknowledged with its head: never delivered again
 
 
+def test_a_worker_killed_mid_stream_ends_the_answer_long_before_the_idle_timeout(stack):
+    """A worker killed outright sends no abort: the gateway notices its cancel queue
+    (exclusive to the worker's connection) is gone, and cuts the answer off then,
+    not after the idle timeout's 60 s of silence."""
+    endless = StreamingDownstream(events=0, gap=0.1)
+    service = unique_service("gone")
+    victim = stack.worker(service, endless.url)
+    gateway = stack.gateway(PROXYMQ_STREAM_IDLE_TIMEOUT="60")
+    sock, data, _ = read_raw(gateway.url, f"/{service}/x", until=b"data: event 2")
+    try:
+        victim.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        sock.settimeout(30)  # half the idle timeout: past it, the watch did not work
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                data += chunk
+        ended = time.monotonic() - killed
+    finally:
+        sock.close()
+    assert ended < 10, ended  # two probes 2 s apart and a grace, with room
+    assert not data.endswith(b"0\r\n\r\n")  # cut off, not ended
+    metrics = requests.get(gateway.url + "/metrics").text
+    assert 'proxymq_gateway_streams_cancelled_total{reason="worker-gone"} 1.0' in metrics
+
+
+def test_the_gateways_worker_probes_are_quiet_on_the_worker(stack):
+    """The probes come every 2 s per streaming worker: a worker whose
+    PROXYMQ_CANCEL_USERS does not name the gateway's user still says nothing of them."""
+    endless = StreamingDownstream(events=0, gap=0.1)
+    service = unique_service("probed")
+    worker = stack.worker(service, endless.url, PROXYMQ_CANCEL_USERS="someone-else")
+    gateway = stack.gateway(PROXYMQ_STREAM_IDLE_TIMEOUT="60")
+    # 50 events 0.1 s apart: two probes at least (2 s apart) went to the worker meanwhile.
+    sock, _, _ = read_raw(gateway.url, f"/{service}/x", until=b"data: event 50")
+    try:
+        assert "dropped a cancel" not in worker.log()  # (before the hang-up's own cancel)
+    finally:
+        sock.close()
+
+
 def test_a_job_stores_the_whole_streamed_answer(stack):
     sse = StreamingDownstream(events=3, gap=0.05)
     service = unique_service("jobsse")
@@ -327,7 +367,12 @@ class FakeWorker:
         self.channel.basic_publish(message, routing_key=self.reply_to)
 
     def cancel_received(self):
-        return self.channel.basic_get(self.cancels, no_ack=True)
+        """The next cancel; the gateway's probes (naming no stream) are passed over, as
+        a worker does."""
+        while (message := self.channel.basic_get(self.cancels, no_ack=True)) is not None:
+            if "x-proxymq-stream-id" in (message.properties.get("application_headers") or {}):
+                return message
+        return None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -387,6 +432,31 @@ def test_a_part_lost_or_out_of_order_cuts_the_stream_off_never_spliced(
     assert numbers == good  # what came in order, then nothing
     assert after < 3  # at once, not at the idle timeout
     # The worker is told to stop: as the gateway's broker user, naming the stream.
+    wait_for(lambda: fake.cancel_received() is not None or None, 5, "the cancel")
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [(CHUNK, None, event(1)), (CHUNK, 1, event(2)), (END, 2, b"")],
+        [(CHUNK, 1, event(1)), (CHUNK, None, event(9)), (CHUNK, 2, event(2)), (END, 3, b"")],
+        [(CHUNK, 1, event(1)), (END, None, b"")],
+    ],
+    ids=["first", "between", "end"],
+)
+def test_a_part_without_a_number_in_a_numbered_stream_cuts_it_off_never_spliced(
+    checked_gateway, fake, parts
+):
+    """A stream whose head is numbered numbers every part: one without a number did not
+    come from that stream's count (another publisher's, or a copy), so it is neither
+    written out nor allowed to end the stream cleanly."""
+    data, after = stream_through(checked_gateway, fake, parts)
+    body = data.split(b"\r\n\r\n", 1)[1]
+    assert not body.endswith(b"0\r\n\r\n")  # cut off, no clean end
+    numbers = [int(line.split()[-1]) for line in body.split(b"\n") if b"data: event" in line]
+    good = [int(b.split()[-1]) for _, _, b in parts[: [p[1] for p in parts].index(None)]]
+    assert numbers == good  # what came numbered, then nothing
+    assert after < 3  # at once, not at the idle timeout
     wait_for(lambda: fake.cancel_received() is not None or None, 5, "the cancel")
 
 

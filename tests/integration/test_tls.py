@@ -18,7 +18,7 @@ import amqp
 import kombu
 import pytest
 import requests
-from stack import (
+from support import (
     BIN,
     ROOT,
     PrivateBroker,

@@ -14,11 +14,12 @@ import signal
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from stack import delete_queues, free_port, unique_service, wait_for
+from support import delete_queues, free_port, queue_counts, unique_service, wait_for
 from test_batching import BatchDownstream, batch_worker
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -153,8 +154,8 @@ def by_name(spans: list[Span]) -> dict[str, Span]:
     return {s.name: s for s in spans}
 
 
-def traceparent(trace_id: str = CLIENT_TRACE, span_id: str = CLIENT_SPAN) -> str:
-    return f"00-{trace_id}-{span_id}-01"
+def traceparent(trace_id: str = CLIENT_TRACE, span_id: str = CLIENT_SPAN, flags: str = "01") -> str:
+    return f"00-{trace_id}-{span_id}-{flags}"
 
 
 def ids(header: str) -> tuple[str, str]:
@@ -356,3 +357,62 @@ def test_log_lines_about_a_request_carry_its_ids(stack, gateway, service, receiv
     wait_for(lambda: f"trace_id={trace_id}" in worker_log.log(), 10, "the worker's log line")
     line = next(line for line in worker_log.log().splitlines() if trace_id in line)
     assert f"correlation_id={cid}" in line and "failed" in line
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def _all_settled(queue: str) -> None:
+    """Every message of ``queue`` acknowledged: none waits, none is held by a worker."""
+    wait_for(lambda: queue_counts(queue) == (0, 0), 15, f"{queue} drained and acknowledged")
+
+
+def _answered(gateway, service: str, count: int, **headers: str) -> list[int]:
+    """``count`` requests at once (5 s each: an unanswered one is 504 soon); their statuses."""
+
+    def send(number: int) -> int:
+        return requests.post(
+            f"{gateway.url}/{service}/echo/{number}",
+            data=b"x",
+            headers={"X-ProxyMQ-Timeout": "5", **headers},
+            timeout=30,
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(send, range(count)))
+
+
+def test_a_sampled_out_request_is_answered_and_acknowledged(gateway, service):
+    # The client's sampled flag is off: the default sampler (parentbased_always_on)
+    # follows it, and every span of the request is a non-recording one.
+    unsampled = {"traceparent": traceparent("cd" * 16, flags="00")}
+    assert _answered(gateway, service, 4, **unsampled) == [200] * 4
+    _all_settled(f"{service}_requests")
+
+
+def test_with_a_ratio_sampler_every_request_is_answered(stack, downstream, receiver):
+    service = unique_service("ratio")
+    env = {
+        **otel_env(receiver),
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.5",
+    }
+    stack.worker(service, downstream.url, **env)
+    gateway = stack.gateway(**env)
+    assert _answered(gateway, service, 16) == [200] * 16
+    _all_settled(f"{service}_requests")
+    delete_queues(f"{service}_requests")
+
+
+def test_observers_that_raise_cannot_stop_an_answer_or_an_ack(stack, gateway, downstream, receiver):
+    # tests/integration/faults/sitecustomize.py makes the worker's task events, metrics
+    # and spans raise on every call, in the worker process itself.
+    service = unique_service("faults")
+    worker = stack.worker(service, downstream.url, PYTHONPATH=str(FAULTS), **otel_env(receiver))
+    wait_for(lambda: "observers raise" in worker.log(), 10, "the faults installed")
+    sampled = {"traceparent": traceparent("ef" * 16)}
+    assert _answered(gateway, service, 8, **sampled) == [200] * 8
+    assert _answered(gateway, service, 8) == [200] * 8
+    _all_settled(f"{service}_requests")
+    assert "an observer failed" in worker.log()  # the faults really ran
+    delete_queues(f"{service}_requests")

@@ -4,25 +4,32 @@ the task events, node names, deadlines, Celery's remote control and ``-c``."""
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import socket
 import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 
+import amqp
 import kombu
 import msgpack
 import pytest
 import requests
-from stack import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import (
     BIN,
     BROKER_URL,
     ROOT,
     TaskEventsTap,
     base_env,
     consumers,
+    delete_queues,
     free_port,
+    queue_counts,
     unique_service,
     wait_for,
 )
@@ -118,6 +125,178 @@ def test_a_malformed_message_is_dead_lettered_at_once_and_its_client_answered_po
     assert reason in dead.headers["x-proxymq-dead-reason"]
     assert consumers(f"{poison_service}_requests") == 1  # the worker lives on
     assert not downstream.requests_for(correlation_id)
+
+
+# -- any malformed message, generated ----------------------------------------------------
+
+# A body no worker can take: any bytes (invalid UTF-8 too), text that is not JSON, and
+# JSON of the wrong shape (protocol-1 Celery messages among it: ``task`` in the body).
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_BODIES = st.one_of(
+    st.binary(max_size=48),
+    st.sampled_from([b"", b"\xff\xfe\xc1 not UTF-8", b"\xed\xa0\x80", "caf\u00e9 {".encode()]),
+    st.text(max_size=32).filter(lambda t: not _is_json(t)).map(str.encode),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.just("task"), _json, min_size=1).map(lambda v: json.dumps(v).encode()),
+)
+_CONTENT_TYPES = [
+    "application/json",
+    "application/x-msgpack",
+    "text/plain",
+    None,
+]
+_ENCODINGS = ["utf-8", "binary", None, "no-such-encoding"]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One malformed message as published: what its dead copy must still be."""
+
+    body: bytes
+    content_type: str | None
+    content_encoding: str | None
+    task_header: bool
+    reply_to: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def publish(self, channel, queue: str, reply_queue: str) -> None:
+        headers = {
+            "x-test-id": self.id,
+            **({"task": "proxymq.forward"} if self.task_header else {}),
+        }
+        properties = {
+            "content_type": self.content_type,
+            "content_encoding": self.content_encoding,
+            "reply_to": reply_queue if self.reply_to else None,
+        }
+        message = amqp.Message(
+            self.body,
+            application_headers=headers,
+            correlation_id=self.id,
+            **{k: v for k, v in properties.items() if v is not None},
+        )
+        channel.basic_publish(message, routing_key=queue)
+
+
+def _raw_channel(connection: kombu.Connection):
+    """A channel that hands bodies over as the broker sent them: bytes, never decoded."""
+    channel = connection.channel()
+    channel.auto_decode = False
+    return channel
+
+
+def _drain(channel, queue: str, into: dict[str, object]) -> None:
+    while (message := channel.basic_get(queue, no_ack=True)) is not None:
+        key = (message.headers or {}).get("x-test-id") or message.properties.get("correlation_id")
+        into[key] = message
+
+
+@pytest.fixture(scope="module")
+def raw_broker():
+    with kombu.Connection(BROKER_URL) as connection:
+        channel = _raw_channel(connection)
+        reply_queue, _, _ = channel.queue_declare("", exclusive=True)
+        yield channel, reply_queue
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    body=_BODIES,
+    content_type=st.sampled_from(_CONTENT_TYPES),
+    content_encoding=st.sampled_from(_ENCODINGS),
+    task_header=st.booleans(),
+    reply_to=st.booleans(),
+)
+def test_any_malformed_message_ends_in_the_dead_queue_as_it_came(
+    poison_service, raw_broker, body, content_type, content_encoding, task_header, reply_to
+):
+    channel, reply_queue = raw_broker
+    queue = f"{poison_service}_requests"
+    sent = Sent(body, content_type, content_encoding, task_header, reply_to)
+    sent.publish(channel, queue, reply_queue)
+    dead: dict[str, object] = {}
+
+    def arrived() -> bool:
+        _drain(channel, queue + ".dead", dead)
+        return sent.id in dead
+
+    wait_for(arrived, 5, f"the dead copy of {sent}")
+    copy = dead[sent.id]
+    # As it came: bytes, whatever its declared encoding (py-amqp gives an empty body
+    # as "", whatever the channel's decoding).
+    assert (copy.body or b"") == body
+    assert copy.properties.get("content_type") == content_type
+    assert copy.properties.get("content_encoding") == content_encoding
+    assert copy.properties["correlation_id"] == sent.id
+    reason = copy.headers["x-proxymq-dead-reason"]
+    assert isinstance(reason, str) and reason
+    if reply_to:  # it names a reply queue and a correlation id: its client is told
+        replies: dict[str, object] = {}
+        wait_for(lambda: _drain(channel, reply_queue, replies) or sent.id in replies, 5, "reply")
+        answer = decode_reply(replies[sent.id].body)
+        assert (answer.status, answer.error) == (502, "poison")
+    assert consumers(queue) == 1  # the worker lives on
+
+
+def test_after_any_malformed_messages_the_queue_drains_and_requests_are_answered(stack, downstream):
+    service = unique_service("drain")
+    queue = f"{service}_requests"
+    stack.worker(service, downstream.url)
+    bodies = [b"\xff\xfe\xc1", b"not json {", b'{"task": [1]}', b"[1, 2]", b""]
+    cases = [
+        Sent(*case)
+        for case in itertools.product(
+            bodies, _CONTENT_TYPES, _ENCODINGS, (True, False), (True, False)
+        )
+    ]
+    with kombu.Connection(BROKER_URL) as connection:
+        channel = _raw_channel(connection)
+        reply_queue, _, _ = channel.queue_declare("", exclusive=True)
+        for sent in cases:
+            sent.publish(channel, queue, reply_queue)
+        # every one taken and acknowledged: none waits, none is held by the worker
+        wait_for(lambda: queue_counts(queue) == (0, 0), 30, f"{queue} drained")
+        dead: dict[str, object] = {}
+        wait_for(
+            lambda: _drain(channel, queue + ".dead", dead) or len(dead) == len(cases),
+            10,
+            "every dead copy",
+        )
+    assert {s.id: s.body for s in cases} == {key: m.body or b"" for key, m in dead.items()}
+    gateway = stack.gateway()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(
+                lambda i: requests.post(
+                    f"{gateway.url}/{service}/echo/{i}",
+                    data=b"x",
+                    headers={"X-ProxyMQ-Timeout": "10"},
+                ),
+                range(16),
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 16
+    delete_queues(queue, queue + ".dead")
 
 
 @pytest.mark.parametrize("mode", ["single", "batch"])

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
-from stack import make_pki
+from support import make_pki
 
-from proxymq.config import BrokerNode, ConfigError, GatewayConfig, WorkerConfig, broker_tls
+from proxymq.broker_tls import BrokerNode, broker_tls
+from proxymq.config import GatewayConfig, WorkerConfig
+from proxymq.parsers import ConfigError
 from workers.failover import AMQP as NodeNamingAMQP
 from workers.failover import NodeNamingConnection
 

@@ -2,10 +2,12 @@
 
 import pytest
 
-from gateway import controls, errors
-from proxymq.config import ConfigError, GatewayConfig, ServiceConfig, WorkerConfig
+from gateway import errors
+from gateway import request as controls
+from proxymq.config import GatewayConfig, ServiceConfig, WorkerConfig
 from proxymq.envelope import RequestEnvelope, task_message
 from proxymq.idempotency import ANONYMOUS, Claim, fingerprint, scope
+from proxymq.parsers import ConfigError
 from workers.app import service_queue
 
 WORKER_ENV = {"PROXYMQ_SERVICE": "a", "PROXYMQ_DOWNSTREAM_URL": "http://a"}
@@ -144,10 +146,29 @@ def test_the_scope_is_the_credential_and_the_cookie_and_anonymous_only_without_b
         scope(None, "sid=a"),
         scope("Bearer a", "sid=a"),
         scope("sid=a", None),
-        scope("", None),
-        scope(None, ""),
+        scope("Bearer a", ""),
         scope("Bearer b", None),
     ]
-    assert len(set(scopes)) == len(scopes)
+    assert len(set(scopes)) == len(scopes) - 1  # an empty cookie is no cookie
+    assert scope("Bearer a", "") == scope("Bearer a", None)
     assert ANONYMOUS not in scopes and scope(None, None) == ANONYMOUS
     assert scope("Bearer a", "sid=a") == scope("Bearer a", "sid=a")
+
+
+def test_an_empty_or_blank_credential_or_cookie_is_anonymous():
+    for credential, cookie in [("", None), (None, ""), ("", ""), (" ", None), (None, "\t")]:
+        assert scope(credential, cookie) == ANONYMOUS, (credential, cookie)
+
+
+def test_a_stream_takes_unnumbered_parts_only_when_its_head_was_unnumbered():
+    from gateway.streams import ENDED, OUT_OF_ORDER, Stream
+    from proxymq.envelope import CHUNK, END
+
+    older = Stream("s", "", 1024, numbered=False)  # a worker older than the numbers
+    older.feed(CHUNK, "s", None, b"a")
+    older.feed(END, "s", None, b"")
+    assert older.state == ENDED and list(older.chunks(1)) == [b"a"]
+    numbered = Stream("s", "", 1024, numbered=True)
+    numbered.feed(CHUNK, "s", 1, b"a")
+    numbered.feed(CHUNK, "s", None, b"b")
+    assert numbered.state == OUT_OF_ORDER and list(numbered.chunks(1)) == [b"a"]

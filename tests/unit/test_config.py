@@ -6,7 +6,8 @@ from typing import Any
 import pytest
 
 from fetcher.config import FetcherConfig
-from proxymq.config import ConfigError, GatewayConfig, WorkerConfig, redact_url
+from proxymq.config import GatewayConfig, WorkerConfig
+from proxymq.parsers import ConfigError, redact_url
 
 WORKER_ENV = {"PROXYMQ_SERVICE": "a", "PROXYMQ_DOWNSTREAM_URL": "http://a"}
 

@@ -112,7 +112,7 @@ def test_a_part_without_a_number_is_unnumbered_and_one_with_a_bad_number_fits_no
 @pytest.mark.parametrize(
     ("name", "ok"),
     [
-        (new_cancel_queue(), True),
+        pytest.param(new_cancel_queue(), True, id="a-freshly-made-name"),  # xdist needs fixed ids
         ("proxymq.cancel." + "0" * 32, True),
         ("proxymq.cancel.", False),
         ("proxymq.cancel." + "0" * 31, False),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxymq.config import ConfigError
+from proxymq.parsers import ConfigError
 from proxymq.tracing import TracingConfig
 
 

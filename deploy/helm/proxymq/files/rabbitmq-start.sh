@@ -44,19 +44,21 @@ user() {
 
 setup() {
   rabbitmqctl -q add_vhost "$vhost" >/dev/null 2>&1 || true
-  # gateway: its own server-named exclusive reply queue, publishing to the default exchange.
+  # gateway: its own server-named exclusive queues (replies; services' states, bound to the
+  # proxymq.status exchange, which it may declare), publishing to the default exchange.
   user gateway "${RABBITMQ_GATEWAY_PASSWORD:-}" "" \
-    '^amq\.gen-.*$' \
-    '^amq\.default$' \
-    '^amq\.gen-.*$'
+    '^(amq\.gen-.*|proxymq\.status)$' \
+    '^(amq\.default|amq\.gen-.*)$' \
+    '^(amq\.gen-.*|proxymq\.status)$'
   # workers: service queues and their .dead queues, replies and dead letters through the
   # default exchange, Celery's exchanges and queues for remote control (pidbox), task events
   # (celeryev) and gossip/mingle; and each connection's own proxymq.cancel.<hex> queue,
-  # where gateways send the cancel of a streamed answer.
+  # where gateways send the cancel of a streamed answer; and the proxymq.status exchange,
+  # where they announce each service's state.
   user workers "${RABBITMQ_WORKERS_PASSWORD:-}" "" \
-    '^(.*_requests|.*_requests\.dead|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
-    '^(amq\.default|.*_requests|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
-    '^(.*_requests|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+    '^(.*_requests|.*_requests\.dead|.*_callbacks|.*_callbacks\.retry\.[0-9]+|proxymq\.cancel\..*|proxymq\.status|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
+    '^(amq\.default|.*_requests|proxymq\.status|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$' \
+    '^(.*_requests|.*_callbacks|.*_callbacks\.retry\.[0-9]+|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
   # monitoring: read-only. Management API (Flower's broker tab, the UI) and passive queue
   # declares (KEDA, queue depths); no AMQP resource at all.
   user monitoring "${RABBITMQ_MONITORING_PASSWORD:-}" "monitoring" \

@@ -309,14 +309,14 @@ quorum
 {{- define "proxymq.brokerPermissions" -}}
 gateway:
   tags: []
-  configure: '^amq\.gen-.*$'
-  write: '^amq\.default$'
-  read: '^amq\.gen-.*$'
+  configure: '^(amq\.gen-.*|proxymq\.status)$'
+  write: '^(amq\.default|amq\.gen-.*)$'
+  read: '^(amq\.gen-.*|proxymq\.status)$'
 workers:
   tags: []
-  configure: '^(.*_requests|.*_requests\.dead|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
-  write: '^(amq\.default|.*_requests|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
-  read: '^(.*_requests|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+  configure: '^(.*_requests|.*_requests\.dead|.*_callbacks|.*_callbacks\.retry\.[0-9]+|proxymq\.cancel\..*|proxymq\.status|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+  write: '^(amq\.default|.*_requests|proxymq\.status|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
+  read: '^(.*_requests|.*_callbacks|.*_callbacks\.retry\.[0-9]+|proxymq\.cancel\..*|celery|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox|.*\.celery\.pidbox)$'
 monitoring:
   tags: [monitoring]
   configure: '^$'

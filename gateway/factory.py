@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 from flask import Flask
 
+from gateway import server
 from gateway.broker import BrokerLink
-from gateway.proxy import Gateway, ProxyRoute
+from gateway.process import Gateway
+from gateway.proxy import ProxyRoute
 from gateway.views import views
 from proxymq import tracing
 from proxymq.config import GatewayConfig
@@ -16,9 +16,11 @@ from proxymq.jobs import JobStore
 
 
 def create_app(config: GatewayConfig | None = None) -> Flask:
-    """Build the app; the broker link starts in each worker process, after the fork
-    (``gunicorn.conf.py``'s ``post_worker_init``, or the first request)."""
-    config = config or GatewayConfig.from_env(os.environ)
+    """Build the app, with the process's settings unless given (``server.settings``:
+    parsed once, in gunicorn's master before the fork); the broker link starts in each
+    worker process, after the fork (``gunicorn.conf.py``'s ``post_worker_init``, or the
+    first request)."""
+    config = config or server.settings()
     tls = config.broker_tls
     link = BrokerLink(
         config.broker_url,

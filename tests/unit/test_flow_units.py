@@ -1,0 +1,121 @@
+"""The flow control's pure parts: settings, FlowState, Retry-After, the retry rule."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+import pytest
+import redis
+
+from proxymq.config import ConfigError, Rate, WorkerConfig
+from workers.flow import retry_after
+from workers.flow.budget import RetryBudget
+from workers.flow.shared import Shared
+from workers.flow.state import FlowState
+
+
+def config(**env: str) -> WorkerConfig:
+    base = {"PROXYMQ_SERVICE": "api", "PROXYMQ_DOWNSTREAM_URL": "http://127.0.0.1:9"}
+    return WorkerConfig.from_env({**base, **env})
+
+
+def test_flow_settings_are_read_per_service():
+    service = config(
+        PROXYMQ_RESULT_URL="redis://127.0.0.1:6379/0",
+        PROXYMQ_MAX_CONCURRENCY="auto",
+        PROXYMQ_RATE_LIMIT="120/m",
+        PROXYMQ_RETRIES="2",
+        PROXYMQ_RETRY_BUDGET="0.5",
+    ).services["api"]
+    assert service.max_concurrency == "auto"
+    assert service.rate_limit == Rate(120, 60.0)
+    assert service.rate_limit.per_second == 2
+    assert (service.retries, service.retry_budget) == (2, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PROXYMQ_MAX_CONCURRENCY", "-1"),
+        ("PROXYMQ_MAX_CONCURRENCY", "automatic"),
+        ("PROXYMQ_RATE_LIMIT", "10"),
+        ("PROXYMQ_RATE_LIMIT", "0/s"),
+        ("PROXYMQ_RETRY_BUDGET", "1.5"),
+        ("PROXYMQ_RETRIES", "many"),
+        ("PROXYMQ_BREAKER_OPEN", "0"),
+    ],
+)
+def test_a_bad_flow_setting_names_its_variable(variable, value):
+    with pytest.raises(ConfigError) as error:
+        config(PROXYMQ_RESULT_URL="redis://127.0.0.1:6379/0", **{variable: value})
+    assert error.value.variable == variable
+
+
+def test_min_concurrency_above_the_auto_maximum_is_refused():
+    with pytest.raises(ConfigError) as error:
+        config(PROXYMQ_MIN_CONCURRENCY="10", PROXYMQ_AUTO_MAX_CONCURRENCY="5")
+    assert error.value.variable == "PROXYMQ_MIN_CONCURRENCY"
+
+
+def test_flow_state_reports_a_pause_until_it_is_over_and_tells_its_listeners():
+    state = FlowState("api")
+    seen = []
+    state.on_change(lambda: seen.append((state.paused_until(), state.breaker_open_until())))
+    until = time.time() + 30
+    assert state.pause(until)
+    assert not state.pause(until - 10)  # a shorter pause changes nothing
+    state.open_breaker(until + 5)
+    assert seen == [(until, None), (until, until + 5)]
+    assert state.paused_until() == until
+    state.pause(time.time() + 60)
+    state.open_breaker(0.0)
+    assert state.breaker_open_until() is None
+    past = FlowState("other")
+    past.pause(time.time() - 1)
+    assert past.paused_until() is None
+
+
+def test_a_listener_that_fails_does_not_stop_the_others():
+    state = FlowState("api")
+    seen = []
+    state.on_change(lambda: 1 / 0)
+    state.on_change(lambda: seen.append(state.paused_until()))
+    until = time.time() + 5
+    state.pause(until)
+    assert seen == [until]
+
+
+@pytest.mark.parametrize(("value", "low", "high"), [("5", 5, 5), ("0", 0, 0), (None, 18, 21)])
+def test_retry_after_in_seconds_or_as_a_date(value, low, high):
+    if value is None:  # a date 20 s from now, made when the test runs
+        value = formatdate(time.time() + 20, usegmt=True)
+    seconds = retry_after.seconds([("Retry-After", value)])
+    assert low <= seconds <= high
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "1.5", "", "Wed, 99 Foo 2020"])
+def test_a_retry_after_that_names_no_wait_is_ignored(value):
+    assert retry_after.seconds([("retry-after", value)]) is None
+
+
+@pytest.mark.parametrize("redis_url", [None, "redis://127.0.0.1:1/0"])
+def test_without_redis_the_retry_budget_is_the_workers_own(redis_url):
+    """No ``PROXYMQ_RESULT_URL``, or a Redis that cannot be reached: the same rule on this
+    worker's calls (0.2 of 10 calls: 2 retries), never an error."""
+    shared = Shared(redis_url, ["api"]) if redis_url else None
+    budget = RetryBudget(0.2, shared, "api")
+    for _ in range(10):
+        budget.called()
+    assert [budget.spend() for _ in range(3)] == [True, True, False]
+
+
+def test_a_retry_budget_redis_refuses_falls_back_to_the_workers_own():
+    """A key of another type (a hostile or mistaken peer): the call is not failed."""
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    name = f"budget-{time.time_ns()}"
+    client.set(f"proxymq:flow:{{{name}}}:budget-calls", "x", ex=30)
+    budget = RetryBudget(0.2, Shared("redis://127.0.0.1:6379/0", [name]), name)
+    for _ in range(10):
+        budget.called()
+    assert [budget.spend() for _ in range(3)] == [True, True, False]

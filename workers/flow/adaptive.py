@@ -1,0 +1,126 @@
+"""``PROXYMQ_MAX_CONCURRENCY=auto``: the cap follows what the service can take (AIMD).
+
+One limit per service in Redis, shared by its workers: each call's outcome adjusts it in
+the same script that gives its lease back (no extra round trip), and taking a lease
+reads it. The rule (after Netflix's concurrency-limits ``AIMDLimit`` and TCP):
+
+- **slow start**: until the first cut, each success adds 1 / limit (the limit doubles
+  every round of calls), so a fresh service reaches its capacity in a few rounds;
+- **additive increase** afterwards: each success adds 1 / (``PROBE_CALLS`` * limit), so
+  the limit probes one call above what worked about once every ``PROBE_CALLS`` rounds:
+  each probe past a service that answers 429 beyond its capacity costs one failed
+  call, which is what keeps the failures near 1 %;
+- **multiplicative decrease**: a 429, a 503, a timeout or no answer, or recent calls
+  (a running average) slower than ``SLOW`` times the latency floor, cuts it by
+  ``BACKOFF`` (or to the calls still in flight, if lower, but never below half), at
+  most once per round of calls (the failures one overshoot causes come
+  together and are one signal).
+
+The latency floor is this worker's (``LatencyFloor``); the limit stays within
+``PROXYMQ_MIN_CONCURRENCY`` and ``PROXYMQ_AUTO_MAX_CONCURRENCY``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.flow.gate import CallOutcome
+
+PROBE_CALLS = 20
+BACKOFF = 0.9
+SLOW = 2.0
+FLOOR_CREEP = 0.01
+RECENT_WEIGHT = 0.05
+DROPS = frozenset({429, 503, 504})  # and 502 without an answer: see ``verdict``
+
+# Gives a lease back and adjusts the limit. KEYS[1] the leases, KEYS[2] the limit's hash;
+# ARGV: ok (1) or drop (0), min, max, cool-down ms, the lease ('' for none), PROBE_CALLS,
+# BACKOFF. A cut goes to BACKOFF times the limit, or to the calls still in flight if that
+# is lower (the service just refused, or slowed down at, one more than those: one above
+# them would leave a floored limit where it was, and every call past it refused until
+# the cool-down ends), but never below half the limit. Returns the limit, as text.
+RELEASE_ADJUST = """
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[1], ARGV[5]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local min, max = tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit = tonumber(redis.call('HGET', KEYS[2], 'limit') or min)
+local probing = redis.call('HGET', KEYS[2], 'probing')
+if ARGV[1] == '1' then
+  if probing then
+    limit = limit + 1 / (tonumber(ARGV[6]) * limit)
+  else
+    limit = limit + 1 / limit
+  end
+else
+  local cut_at = tonumber(redis.call('HGET', KEYS[2], 'cut_at') or 0)
+  if now - cut_at > tonumber(ARGV[4]) then
+    local busy = redis.call('ZCARD', KEYS[1])
+    limit = math.max(math.min(limit * tonumber(ARGV[7]), busy), limit / 2)
+    redis.call('HSET', KEYS[2], 'cut_at', now, 'probing', 1)
+  end
+end
+if limit < min then limit = min end
+if limit > max then limit = max end
+redis.call('HSET', KEYS[2], 'limit', tostring(limit))
+redis.call('PEXPIRE', KEYS[2], 3600000)
+return tostring(limit)
+"""
+
+
+class LatencyFloor:
+    """This worker's fastest recent call time (creeping up towards slower ones, so that
+    it follows a service that became slower for good), and a running average of recent
+    call times: the latency is rising when the average, not one call, is ``SLOW`` times
+    the floor (one slow call on a busy machine says nothing about the service)."""
+
+    def __init__(self) -> None:
+        self._floor = 0.0
+        self._recent = 0.0
+        self._lock = threading.Lock()
+
+    def cooldown(self, seconds: float) -> float:
+        """How long after a cut the next one waits: about a round of calls."""
+        return max(seconds, SLOW * self._floor)
+
+    def slow(self, seconds: float) -> bool:
+        """Whether recent calls, ``seconds`` the newest, are far above the floor."""
+        with self._lock:
+            floor = self._floor
+            if floor == 0.0 or seconds < floor:
+                self._floor = seconds
+            else:
+                self._floor = floor + FLOOR_CREEP * (seconds - floor)
+            self._recent += RECENT_WEIGHT * (seconds - self._recent)
+            return floor > 0.0 and self._recent > SLOW * floor
+
+
+def verdict(outcome: CallOutcome, floor: LatencyFloor) -> bool:
+    """True: the call went well (grow); False: cut. Only a call that went well teaches
+    the latency floor: a 429 comes back in a millisecond and says nothing of how fast
+    the service serves; nor does a stream, whose seconds are its body's."""
+    if outcome.status in DROPS or not outcome.answered:
+        return False
+    return outcome.streamed or not floor.slow(outcome.seconds)
+
+
+class LocalLimit:
+    """The same rule on this worker alone, while Redis cannot be reached."""
+
+    def __init__(self, start: float, low: int, high: int) -> None:
+        self.limit = start
+        self._low, self._high = low, high
+        self._cut_at = 0.0
+        self._lock = threading.Lock()
+
+    def adjust(self, ok: bool, now: float, call_s: float) -> float:
+        with self._lock:
+            if ok:
+                self.limit += 1 / (PROBE_CALLS * self.limit)
+            elif now - self._cut_at > call_s:
+                self.limit *= BACKOFF
+                self._cut_at = now
+            self.limit = min(self._high, max(self._low, self.limit))
+            return self.limit

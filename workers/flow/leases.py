@@ -1,0 +1,158 @@
+"""The service-wide concurrency cap: one lease in Redis per call in flight.
+
+Leases, not a counter: each is a member of the service's sorted set, scored by the time
+it expires (``PROXYMQ_DOWNSTREAM_TIMEOUT`` + 10 s after it was taken; a call's socket is
+shut at the downstream timeout, so a live worker always gives its lease back first).
+Taking one first drops the expired, so the slots of a worker that died holding them
+come back by themselves. A live worker renews its leases on every heartbeat of the flow
+thread (``Shared.every_beat``): a streamed answer's body is not bounded by the downstream
+timeout, and its slot must not expire under it while it still runs. Redis's own clock
+(``TIME``) scores them: the workers' clocks need not agree. Under ``auto`` the cap is the
+shared adaptive limit (``workers.flow.adaptive``), read by the same script and adjusted
+by the one that gives the lease back.
+
+While Redis cannot be reached, a worker allows its local share of the cap
+(``Shared.local_share``) among the calls it has in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+
+from workers.flow import adaptive, metrics
+from workers.flow.shared import DOWN, Shared, key
+
+SLACK_S = 10.0
+
+# KEYS[1] leases, KEYS[2] the auto limit's hash, KEYS[3] the service's pause; ARGV: limit
+# (0: read KEYS[2]), lease ms, member, the auto limit's start. Returns {1 taken | 0 the
+# cap is reached, the cap} or, while a pause lasts, {0, 0, its ms left}: a worker that
+# has not heard of the pause yet cannot start a call in it.
+_ACQUIRE = """
+local paused = redis.call('PTTL', KEYS[3])
+if paused > 0 then
+  return {0, 0, paused}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+if limit == 0 then
+  limit = math.floor(tonumber(redis.call('HGET', KEYS[2], 'limit') or ARGV[4]))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= limit then
+  return {0, limit}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, limit}
+"""
+
+# KEYS[1] leases; ARGV[1] lease ms, the rest: this worker's leases still held. Moves
+# their expiry on (XX: one given back meanwhile is not taken again).
+_RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 0
+"""
+
+
+class Leases:
+    def __init__(
+        self,
+        shared: Shared,
+        service: str,
+        limit: int | None,
+        call_timeout: float,
+        auto: tuple[int, int] | None = None,
+    ) -> None:
+        """``limit``: the fixed cap; or ``auto``: (min, max) of the adaptive one."""
+        self.auto = auto
+        self.limit = float(limit if auto is None else auto[0])
+        self._shared = shared
+        self._service = service
+        self._key = key(service, "leases")
+        self._auto_key = key(service, "auto")
+        self._pause_key = key(service, "pause")
+        self._ms = int((call_timeout + SLACK_S) * 1000)
+        self._acquire = shared.redis.register_script(_ACQUIRE)
+        self._release_adjust = shared.redis.register_script(adaptive.RELEASE_ADJUST)
+        self._local = adaptive.LocalLimit(self.limit, *auto) if auto else None
+        self._numbers = itertools.count()
+        self._held = 0  # this worker's calls in flight under the cap
+        self._members: set[str] = set()  # its leases in Redis, renewed by the flow thread
+        self._renew = shared.redis.register_script(_RENEW)
+        self._lock = threading.Lock()
+        shared.every_beat(self._renew_held)
+        metrics.concurrency_limit.labels(service).set(self.limit)
+
+    def acquire(self) -> str | bool | float | None:
+        """A lease (its member), ``None`` for a local slot taken while Redis is down,
+        False when the cap is reached, or the seconds a service-wide pause still lasts."""
+        member = f"{self._shared.id}:{next(self._numbers)}"
+        fixed = 0 if self.auto else int(self.limit)
+        start = self.auto[0] if self.auto else 0
+        args = [fixed, self._ms, member, start]
+        answer = self._shared.run(
+            lambda r: self._acquire(
+                keys=[self._key, self._auto_key, self._pause_key], args=args, client=r
+            )
+        )
+        with self._lock:
+            if answer is DOWN:
+                if self._held >= self._shared.local_share(self._service, self.limit):
+                    return False
+                member = None
+            else:
+                taken, cap, *paused = answer
+                if paused:
+                    return paused[0] / 1000  # seconds of pause left
+                if self.auto and cap != math.floor(self.limit):
+                    self._set_limit(float(cap))
+                if not taken:
+                    return False
+                self._members.add(member)
+            self._held += 1
+        return member
+
+    def release(self, lease: str | None, ok: bool | None = None, seconds: float = 0.0) -> None:
+        """Give the slot back; under ``auto``, with how the call went (``ok``; None: it
+        says nothing) and the cut's cool-down (``seconds``)."""
+        with self._lock:
+            self._held -= 1
+            self._members.discard(lease)
+        if self.auto is None or ok is None:
+            if lease is not None:
+                self._shared.run(lambda r: r.zrem(self._key, lease))
+            return
+        low, high = self.auto
+        verdict = "1" if ok else "0"
+        args = [verdict, low, high, int(seconds * 1000), lease or ""]
+        args += [adaptive.PROBE_CALLS, adaptive.BACKOFF]
+        limit = self._shared.run(
+            lambda r: self._release_adjust(keys=[self._key, self._auto_key], args=args, client=r)
+        )
+        if limit is DOWN:
+            limit = self._local.adjust(ok, time.monotonic(), seconds)
+        self._set_limit(float(limit))
+
+    def _renew_held(self, client) -> None:
+        """In the flow thread, on its heartbeat: keep this worker's leases from expiring
+        while their calls (a stream's body) still run."""
+        with self._lock:
+            members = list(self._members)
+        if members:
+            self._renew(keys=[self._key], args=[self._ms, *members], client=client)
+
+    def _set_limit(self, limit: float) -> None:
+        self.limit = limit
+        if self._local is not None:
+            self._local.limit = limit
+        metrics.concurrency_limit.labels(self._service).set(math.floor(limit))
