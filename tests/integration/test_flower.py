@@ -171,7 +171,7 @@ def test_requests_are_tasks_with_their_correlation_ids_and_no_body(
     assert page.ok and "proxymq.forward" in page.text and SECRET not in page.text
 
 
-def test_broker_tab_shows_the_service_queue_depth(flower, gateway, service):
+def test_broker_tab_shows_the_service_queue_depth(flower, gateway, service, downstream):
     reason = ensure_management()
     if reason:
         pytest.skip(reason)
@@ -183,22 +183,25 @@ def test_broker_tab_shows_the_service_queue_depth(flower, gateway, service):
 
     wait_for(lambda: depth() == 0, 30, f"Flower to list {queue} (empty)", 0.5)
 
-    # Requests the downstream holds for a while are in the queue (unacknowledged, with the
-    # worker) long enough for the management API's statistics (every 5 s) to count them.
+    # The downstream holds the requests until Flower has shown them: they stay in the queue
+    # (unacknowledged, with the worker) for as long as the management API's statistics,
+    # refreshed every 5 s and later on a loaded machine, take to count them.
     statuses: list[int] = []
 
     def call() -> None:
-        url = f"{gateway.url}/{service}/sleep/8"
-        statuses.append(requests.get(url, timeout=60).status_code)
+        url = f"{gateway.url}/{service}/hold"
+        statuses.append(requests.get(url, timeout=90).status_code)
 
+    downstream.release.clear()
     threads = [threading.Thread(target=call) for _ in range(3)]
     for thread in threads:
         thread.start()
     try:
-        wait_for(lambda: depth() == 3, 15, f"Flower to show 3 messages in {queue}", 0.5)
+        wait_for(lambda: depth() == 3, 45, f"Flower to show 3 messages in {queue}", 0.5)
         page = requests.get(flower.url + "/broker", timeout=10)
         assert page.ok and queue in page.text
     finally:
+        downstream.release.set()
         for thread in threads:
-            thread.join(60)
+            thread.join(90)
     assert statuses == [200, 200, 200]

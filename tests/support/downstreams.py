@@ -57,7 +57,8 @@ class Seen:
 class Downstream:
     """A threaded HTTP server in the test process that records every request.
 
-    Paths pick a behaviour: ``/sleep/<s>`` waits, ``/status/<code>`` answers that status,
+    Paths pick a behaviour: ``/sleep/<s>`` waits, ``/hold`` waits until ``release`` is
+    set (at most a minute), ``/status/<code>`` answers that status,
     ``/bytes/<n>`` answers n bytes with a Content-Length, ``/chunked-bytes/<n>`` chunked,
     ``/close`` drops the connection without answering, ``/health`` answers 200 or 503 as
     ``healthy`` says (and is not recorded), ``/whoami`` names the Cookie and Authorization
@@ -67,6 +68,7 @@ class Downstream:
 
     def __init__(self) -> None:
         self.healthy = True
+        self.release = threading.Event()
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         self.port = free_port()
@@ -103,6 +105,8 @@ class Downstream:
         parts = request.path.strip("/").split("/")
         if parts[0] == "sleep":
             time.sleep(float(parts[1]))
+        elif parts[0] == "hold":
+            self.release.wait(60)
         elif parts[0] == "truncate":  # promises 100 bytes, sends 5, hangs up
             sock = environ["werkzeug.socket"]
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
