@@ -10,7 +10,8 @@ gateway for ``--duration`` seconds:
   C ÷ delay (target ≥ 0.9);
 - **auto**: ``PROXYMQ_MAX_CONCURRENCY=auto``: errors (target ≤ 1 %), throughput over
   capacity (target ≥ 0.85), and the limit sampled from Redis twice a second while the
-  stub's capacity is halved and restored mid-run (``--phases``);
+  stub's capacity is halved and restored mid-run (``--phases``; the capacity is then
+  its mean over the run);
 - **burst**: the cap with ``--burst-clients`` (2,000) connections at once on one gateway
   process: every answer must be a 200 (wrk's timeout 120 s), and the gateway's RSS
   growth over the number of requests waiting is its memory per waiting request.
@@ -168,6 +169,8 @@ def scenario(args: argparse.Namespace, name: str, worker_env: dict[str, str]) ->
         done.set()
         after = json.loads(get(stub_url + "/stats"))
         capacity_rps = args.capacity / args.delay
+        if limits:  # C was halved for a third of the run: the capacity is its mean
+            capacity_rps = (2 * args.capacity + max(1, args.capacity // 2)) / 3 / args.delay
         return {
             "scenario": name,
             "rps": load.rps,

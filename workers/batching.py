@@ -14,8 +14,9 @@ all go as the next batch when it returns ("continuous batching").
 Flow control (``workers.flow``) can hold a service's calls back: while it is paused
 (``closed_for``) nothing goes, and a batch its call thread was refused a slot or a token
 for comes back (``refused``) to the head of the line. From then on one batch at a time
-asks (a probe), when the flow control said to look again, until one is let through
-(``admitted``): the others wait here, their deadlines running, without a call thread.
+asks (a probe), when the flow control said to look again or as soon as one of this
+service's calls ends (its slot just came back), until one is let through (``admitted``):
+the others wait here, their deadlines running, without a call thread.
 
 Why not celery-batches: it does not install with Celery 5.7 (every release pins an older
 Celery), and its design is a fixed flush timer that runs whether or not the downstream
@@ -85,6 +86,10 @@ class Batcher:
         self.in_flight -= 1
         self._probing = False  # a probe that asked nothing (its deadlines had passed)
         self._estimate += ESTIMATE_WEIGHT * (seconds - self._estimate)
+        if self.held:
+            # This call just gave its slot back: ask for it now, not on the poll timer
+            # (a freed slot stood idle for a few ms, 13 % of a 50 ms service's capacity).
+            self._held_until = 0.0
         self.pump()
 
     def refused(self, batch: list[Delivery], seconds: float) -> None:

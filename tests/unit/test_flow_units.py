@@ -10,7 +10,9 @@ import redis
 
 from proxymq.config import ConfigError, Rate, WorkerConfig
 from workers.flow import retry_after
+from workers.flow.adaptive import LocalLimit
 from workers.flow.budget import RetryBudget
+from workers.flow.leases import Leases
 from workers.flow.shared import Shared
 from workers.flow.state import FlowState
 
@@ -119,3 +121,27 @@ def test_a_retry_budget_redis_refuses_falls_back_to_the_workers_own():
     for _ in range(10):
         budget.called()
     assert [budget.spend() for _ in range(3)] == [True, True, False]
+
+
+def test_auto_cuts_once_for_the_calls_of_an_overshoot_and_again_at_the_next_failure():
+    """The failures of the calls in flight at a cut are one signal: one cut (to the calls
+    still in flight). Once that round has come back, a failure cuts again however soon
+    it comes: a 429 is back in a millisecond, and a cool-down timed to a call let the
+    freed slots fail dozens of times each after the service's capacity halved."""
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    store.hset(f"proxymq:flow:{{{name}}}:auto", "limit", 8)
+    leases = Leases(Shared("redis://127.0.0.1:6379/0", [name]), name, None, 5.0, auto=(1, 100))
+    held = [leases.acquire() for _ in range(8)]
+    assert all(isinstance(lease, str) for lease in held) and leases.acquire() is False
+    for lease in held:
+        leases.release(lease, ok=False)
+    assert leases.limit == 7
+    leases.release(leases.acquire(), ok=False)
+    assert leases.limit == 3.5
+
+
+def test_without_redis_auto_counts_its_rounds_the_same_way():
+    local = LocalLimit(8.0, 1, 100)
+    assert [local.adjust(False, busy) for busy in range(7, -1, -1)] == [7.0] * 8
+    assert local.adjust(False, 0) == 3.5

@@ -164,7 +164,7 @@ class Flow:
         if permit.leased:
             if self.leases.auto:
                 ok = adaptive.verdict(outcome, self._floor)
-                self.leases.release(permit.lease, ok, self._floor.cooldown(outcome.seconds))
+                self.leases.release(permit.lease, ok)
             else:
                 self.leases.release(permit.lease)
         if self.breaker is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-import time
 
 from workers.flow import adaptive, metrics
 from workers.flow.shared import DOWN, Shared, key
@@ -122,11 +121,12 @@ class Leases:
             self._held += 1
         return member
 
-    def release(self, lease: str | None, ok: bool | None = None, seconds: float = 0.0) -> None:
+    def release(self, lease: str | None, ok: bool | None = None) -> None:
         """Give the slot back; under ``auto``, with how the call went (``ok``; None: it
-        says nothing) and the cut's cool-down (``seconds``)."""
+        says nothing)."""
         with self._lock:
             self._held -= 1
+            held = self._held
             self._members.discard(lease)
         if self.auto is None or ok is None:
             if lease is not None:
@@ -134,13 +134,13 @@ class Leases:
             return
         low, high = self.auto
         verdict = "1" if ok else "0"
-        args = [verdict, low, high, int(seconds * 1000), lease or ""]
+        args = [verdict, low, high, lease or ""]
         args += [adaptive.PROBE_CALLS, adaptive.BACKOFF]
         limit = self._shared.run(
             lambda r: self._release_adjust(keys=[self._key, self._auto_key], args=args, client=r)
         )
         if limit is DOWN:
-            limit = self._local.adjust(ok, time.monotonic(), seconds)
+            limit = self._local.adjust(ok, held)
         self._set_limit(float(limit))
 
     def _renew_held(self, client) -> None:
