@@ -75,6 +75,8 @@ class ForwardStep(bootsteps.StartStopStep):
     def shutdown(self, c) -> None:
         self._finish(c)
         c.controller.proxymq.health.stop()
+        for flow in c.controller.proxymq.flows.values():
+            flow.close()
 
     def _finish(self, c) -> None:
         """Warm shutdown or a lost connection: stop consuming, and settle what is in

@@ -145,3 +145,61 @@ def test_without_redis_auto_counts_its_rounds_the_same_way():
     local = LocalLimit(8.0, 1, 100)
     assert [local.adjust(False, busy) for busy in range(7, -1, -1)] == [7.0] * 8
     assert local.adjust(False, 0) == 3.5
+
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _cap(limit: int) -> tuple[Leases, str, redis.Redis]:
+    name = f"cap-{time.time_ns()}"
+    leases = Leases(Shared(REDIS, [name]), name, limit, 5.0)
+    return leases, f"proxymq:flow:{{{name}}}:leases", redis.Redis.from_url(REDIS)
+
+
+def test_a_cap_far_from_binding_keeps_a_lease_for_the_workers_next_call():
+    """No round trip per call while the cap has room: the lease stays in Redis (the cap
+    counts it) and goes to the next call; the flow thread's tick gives it back."""
+    leases, key, store = _cap(100)
+    first = leases.acquire()
+    leases.release(first)
+    assert store.zcard(key) == 1
+    assert leases.acquire() == first
+    leases.release(first)
+    leases._give_back_idle()
+    assert store.zcard(key) == 0
+
+
+def test_a_cap_near_binding_gives_each_lease_back_at_once():
+    leases, key, store = _cap(8)
+    other = Leases(Shared(REDIS, [leases._service]), leases._service, 8, 5.0)
+    others = [other.acquire(), other.acquire()]
+    mine = leases.acquire()
+    assert isinstance(mine, str) and store.zcard(key) == 3
+    leases.release(mine)
+    assert store.zcard(key) == 2
+    assert leases.acquire() != mine
+    for lease in others:
+        other.release(lease)
+
+
+def test_a_lease_redis_lost_is_never_kept_for_another_call():
+    """A flushed Redis: a call whose lease is gone ends; its lease must not start
+    another call uncounted."""
+    leases, key, store = _cap(100)
+    lost = leases.acquire()
+    store.delete(key)
+    leases._give_back_idle()
+    leases.release(lost)
+    fresh = leases.acquire()
+    assert fresh != lost and store.zcard(key) == 1
+    leases.release(fresh)
+    leases.close()
+    assert store.zcard(key) == 0
+
+
+def test_a_worker_shutting_down_gives_back_the_leases_it_kept():
+    leases, key, store = _cap(100)
+    leases.release(leases.acquire())
+    assert store.zcard(key) == 1
+    leases.close()
+    assert store.zcard(key) == 0

@@ -94,6 +94,11 @@ class Flow:
             shared.listen(service.name, self._heard)
             _show(service.name)
 
+    def close(self) -> None:
+        """At the worker's shutdown, after its last call."""
+        if self.leases is not None:
+            self.leases.close()
+
     def local_calls(self, threads: int) -> int:
         """Calls this worker should have in flight at most: a cap below ``threads`` is
         also the most it could use, so it takes no more requests than that (prefetch)."""

@@ -13,6 +13,16 @@ by the one that gives the lease back.
 
 While Redis cannot be reached, a worker allows its local share of the cap
 (``Shared.local_share``) among the calls it has in flight.
+
+**A cap far from binding costs no round trip per call.** Taking and giving back a lease
+are two round trips, 250 µs of a worker's CPU per call (0.6 of the throughput of a
+worker serving a thousand calls a second, uncapped). While the calls in flight are at
+most a ``ROOMY``-th of a fixed cap, a call that ends keeps its lease for this worker's
+next call (``_idle``); the flow thread gives the idle ones back on its next tick (0.2 s)
+and reads the count again, which decides whether the next leases are kept. Every lease
+stays in Redis, so the cap is never exceeded; what a worker keeps idle while the others
+approach the cap is at most its calls of the last tick. Not under ``auto``: each call's
+outcome moves that limit, in the script that gives its lease back.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from workers.flow import adaptive, metrics
 from workers.flow.shared import DOWN, Shared, key
 
 SLACK_S = 10.0
+ROOMY = 4
 
 # KEYS[1] leases, KEYS[2] the auto limit's hash, KEYS[3] the service's pause; ARGV: limit
 # (0: read KEYS[2]), lease ms, member, the auto limit's start. Returns {1 taken | 0 the
@@ -47,7 +58,7 @@ if redis.call('ZCARD', KEYS[1]) >= limit then
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, limit}
+return {1, limit, redis.call('ZCARD', KEYS[1])}
 """
 
 # KEYS[1] leases; ARGV[1] lease ms, the rest: this worker's leases still held. Moves
@@ -60,6 +71,23 @@ for i = 2, #ARGV do
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 0
+"""
+
+
+# KEYS[1] leases; ARGV[1] how many idle leases follow (given back), the rest: leases in
+# use. Returns the leases left and those in use that are gone (a flushed Redis).
+_GIVE_BACK = """
+local idle = tonumber(ARGV[1])
+for i = 2, idle + 1 do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+end
+local gone = {}
+for i = idle + 2, #ARGV do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    table.insert(gone, ARGV[i])
+  end
+end
+return {redis.call('ZCARD', KEYS[1]), gone}
 """
 
 
@@ -88,13 +116,22 @@ class Leases:
         self._held = 0  # this worker's calls in flight under the cap
         self._members: set[str] = set()  # its leases in Redis, renewed by the flow thread
         self._renew = shared.redis.register_script(_RENEW)
+        self._idle: list[str] = []  # leases kept for this worker's next call
+        self._roomy = False  # the cap is far from binding: keep leases (``ROOMY``)
+        self._give_back = shared.redis.register_script(_GIVE_BACK)
         self._lock = threading.Lock()
         shared.every_beat(self._renew_held)
+        if auto is None:
+            shared.every_tick(self._give_back_idle)
         metrics.concurrency_limit.labels(service).set(self.limit)
 
     def acquire(self) -> str | bool | float | None:
         """A lease (its member), ``None`` for a local slot taken while Redis is down,
         False when the cap is reached, or the seconds a service-wide pause still lasts."""
+        with self._lock:
+            if self._idle and self._roomy and not self._shared.degraded:
+                self._held += 1
+                return self._idle.pop()
         member = f"{self._shared.id}:{next(self._numbers)}"
         fixed = 0 if self.auto else int(self.limit)
         start = self.auto[0] if self.auto else 0
@@ -110,14 +147,15 @@ class Leases:
                     return False
                 member = None
             else:
-                taken, cap, *paused = answer
-                if paused:
-                    return paused[0] / 1000  # seconds of pause left
+                taken, cap, *rest = answer
+                if not taken and rest:
+                    return rest[0] / 1000  # seconds of pause left
                 if self.auto and cap != math.floor(self.limit):
                     self._set_limit(float(cap))
                 if not taken:
                     return False
                 self._members.add(member)
+                self._roomy = self.auto is None and rest[0] * ROOMY <= cap
             self._held += 1
         return member
 
@@ -127,6 +165,9 @@ class Leases:
         with self._lock:
             self._held -= 1
             held = self._held
+            if self._roomy and lease in self._members:
+                self._idle.append(lease)  # for the next call (``_give_back_idle``)
+                return
             self._members.discard(lease)
         if self.auto is None or ok is None:
             if lease is not None:
@@ -142,6 +183,33 @@ class Leases:
         if limit is DOWN:
             limit = self._local.adjust(ok, held)
         self._set_limit(float(limit))
+
+    def close(self) -> None:
+        """At the worker's shutdown: give back the leases kept idle (they would hold
+        their slots until they expire)."""
+        self._give_back_idle()
+        self._roomy = False
+
+    def _give_back_idle(self) -> None:
+        """In the flow thread, every tick: give back the leases kept idle, and see
+        whether the cap still has room enough to keep the next ones."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._members.difference_update(idle)
+            in_use = list(self._members)
+        if not idle and not in_use:
+            return
+        answer = self._shared.run(
+            lambda r: self._give_back(keys=[self._key], args=[len(idle), *idle, *in_use], client=r)
+        )
+        with self._lock:
+            if answer is DOWN:
+                self._roomy = False
+                return
+            count, gone = answer
+            # A lease in use that Redis lost (flushed) must not be kept for another call.
+            self._members.difference_update(m.decode() for m in gone)
+            self._roomy = not gone and count * ROOMY <= self.limit
 
     def _renew_held(self, client) -> None:
         """In the flow thread, on its heartbeat: keep this worker's leases from expiring
