@@ -3,7 +3,9 @@
 Run with ``celery -A workers worker -Q <service>_requests``.
 """
 
-from workers import tasks  # noqa: F401  -- registers proxymq.forward with the app
+# Imported for what they register: proxymq.forward with the app, and the remote-control
+# command that counts purged dead letters.
+from workers import purge_count, tasks  # noqa: F401
 from workers.app import app
 
 __all__ = ["app"]

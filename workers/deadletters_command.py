@@ -13,6 +13,10 @@ acknowledges the dead letter only on the broker's ack of its copy: a command kil
 any point leaves every request in one of the two queues, and each copy published once.
 A nacked copy (a queue at its ``PROXYMQ_QUEUE_MAX_LENGTH``) stops the replay; it and the
 rest stay dead letters.
+
+``purge`` prints its count and has one worker of the service add it to
+``proxymq_worker_dead_letters_purged_total`` (``workers.purge_count``): this process
+ends before any scrape.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from proxymq.parsers import (
     positive_number,
     read,
 )
-from workers import dead_letters
+from workers import dead_letters, purge_count
 from workers.publisher import DEAD_SUFFIX
 
 WINDOW = 64  # copies awaiting the broker's confirm at once
@@ -106,7 +110,19 @@ def purge_command(ctx: click.Context, service: str, older_than: float | None) ->
                 if age is not None and age > older_than:
                     message.ack()
                     purged += 1
-        click.echo(f"purged {purged} dead letters of {service}")
+    click.echo(f"purged {purged} dead letters of {service}")
+    if purged:
+        _count_purged(ctx, service, purged)
+
+
+def _count_purged(ctx: click.Context, service: str, purged: int) -> None:
+    """Counted by one worker (``workers.purge_count``), after the dead queue's channel
+    closed and gave back what ``--older-than`` kept. A purge no worker counted still
+    succeeded: one line on standard error, and exit 0."""
+    try:
+        purge_count.record(ctx.obj.app, service, purged)
+    except purge_count.NotCounted as exc:
+        click.echo(f"not counted in proxymq_worker_dead_letters_purged_total: {exc}", err=True)
 
 
 @deadletters.command(name="replay")

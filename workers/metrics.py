@@ -55,6 +55,11 @@ replayed_total = Counter(
     "Dead letters an operator replayed, counted as a worker takes each (first delivery)",
     ["service"],
 )
+dead_letters_purged_total = Counter(
+    "proxymq_worker_dead_letters_purged_total",
+    "Dead letters an operator purged, counted by the one worker the purge command told",
+    ["service"],
+)
 jobs_total = Counter(
     "proxymq_worker_jobs_total",
     "Asynchronous jobs by outcome (completed, failed, skipped after a cancel)",

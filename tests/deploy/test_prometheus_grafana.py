@@ -181,6 +181,7 @@ def test_dashboard_covers_the_required_views():
         'reason=~"service-unavailable|deadline-unreachable"',
         "proxymq_worker_expired_total",
         "proxymq_worker_dead_lettered_total",
+        "proxymq_worker_dead_letters_purged_total",
         "proxymq_worker_concurrency_limit",
         "proxymq_worker_flow_wait_seconds_bucket",
     ):

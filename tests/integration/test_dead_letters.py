@@ -152,14 +152,58 @@ def test_replay_limit_takes_only_that_many(dead_service):
 
 
 def test_purge_older_than_keeps_the_young_then_purge_takes_all(dead_service):
+    """No worker is up: the purge stands, and one line says that nobody counted it."""
     service, _ = dead_service
     kept = deadletters("purge", service, "--older-than", "3600")
     assert (kept.returncode, kept.stdout.strip()) == (0, f"purged 0 dead letters of {service}")
+    assert "not counted" not in kept.stderr  # nothing to count: no worker asked
     assert dead_count(service) == 3
     time.sleep(1.1)
     aged = deadletters("purge", service, "--older-than", "1")
+    assert aged.returncode == 0, aged.stderr
     assert aged.stdout.strip() == f"purged 3 dead letters of {service}"
+    assert not_counted_lines(aged) == [
+        "not counted in proxymq_worker_dead_letters_purged_total: "
+        f"no worker consuming {service}_requests answered"
+    ]
     assert dead_count(service) == 0
+
+
+def not_counted_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("not counted")]
+
+
+def test_a_purge_is_counted_by_one_worker_of_the_service(
+    stack, downstream, dead_service, queue_type
+):
+    """Two workers serve the service; the purge is counted once, by one of them, so the
+    sum over the workers' counters is what was purged."""
+    service, _ = dead_service
+    ports = [free_port(), free_port()]
+    workers = [
+        stack.worker(
+            service,
+            downstream.url,
+            PROXYMQ_QUEUE_TYPE=queue_type,
+            PROXYMQ_WORKER_METRICS_PORT=str(port),
+        )
+        for port in ports
+    ]
+    try:
+        purged = deadletters("purge", service)
+        assert purged.returncode == 0, purged.stderr
+        assert purged.stdout.strip() == f"purged 3 dead letters of {service}"
+        assert not_counted_lines(purged) == []
+
+        def counted() -> list[float]:
+            urls = [f"http://127.0.0.1:{port}/metrics" for port in ports]
+            name = "proxymq_worker_dead_letters_purged_total"
+            return sorted(Scrape(url).value(name, service=service) for url in urls)
+
+        wait_for(lambda: counted() == [0, 3], 10, "one worker to count the three purged")
+    finally:
+        for worker in workers:
+            stack.stop_process(worker)
 
 
 def test_replay_into_a_full_queue_keeps_what_could_not_be_republished(stack, downstream):
@@ -275,6 +319,14 @@ def test_the_operator_permissions_docs_name_are_enough(dead_service):
         replayed = deadletters("replay", service, PROXYMQ_BROKER_URL=url)
         assert replayed.returncode == 0, replayed.stderr
         assert sorted(correlation_ids(f"{service}_requests")) == sorted(ids)
+        # Purging needs nothing more; counting it (Celery's remote control) does.
+        with kombu.Connection(BROKER_URL) as connection:
+            connection.Producer().publish(b"x", routing_key=f"{service}_requests.dead")
+        purged = deadletters("purge", service, PROXYMQ_BROKER_URL=url)
+        assert purged.returncode == 0, purged.stderr
+        assert purged.stdout.strip() == f"purged 1 dead letters of {service}"
+        (refused,) = not_counted_lines(purged)
+        assert "cannot ask the workers: AccessRefused" in refused
     finally:
         subprocess.run([*ctl, "delete_user", name], capture_output=True)
 

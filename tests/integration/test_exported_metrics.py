@@ -222,6 +222,28 @@ def test_a_replayed_dead_letter_is_counted_as_the_worker_takes_it(running, servi
     assert scrape.value("proxymq_worker_replayed_total", service=plain) == 1
 
 
+def test_a_purge_is_counted_by_the_worker_of_its_service(running, services):
+    """The ``deadletters`` command ends before any scrape: the worker counts its purge."""
+    _, _, worker_metrics = running
+    plain = services["plain"]
+    ids = publish_poison(plain, 2)
+    wait_for(
+        lambda: set(ids) <= set(correlation_ids(f"{plain}_requests.dead")), 15, "two dead letters"
+    )
+    purged = deadletters("purge", plain)
+    assert purged.returncode == 0, purged.stderr
+    count = int(purged.stdout.split()[1])  # "purged N dead letters of <service>"
+    assert count >= 2
+    wait_for(
+        lambda: (
+            Scrape(worker_metrics).value("proxymq_worker_dead_letters_purged_total", service=plain)
+            == count
+        ),
+        10,
+        "the purge to be counted",
+    )
+
+
 def test_a_request_taken_past_its_deadline_is_counted_expired(running, services, downstream):
     """The broker drops a request whose ``expiration`` ran out in the queue; the worker
     drops one that arrives past its deadline all the same (the deadline is the gateway's
