@@ -158,8 +158,13 @@ def _cap(limit: int) -> tuple[Leases, str, redis.Redis]:
 
 def test_a_cap_far_from_binding_keeps_a_lease_for_the_workers_next_call():
     """No round trip per call while the cap has room: the lease stays in Redis (the cap
-    counts it) and goes to the next call; the flow thread's tick gives it back."""
+    counts it) and goes to the next call; the flow thread's tick gives it back. Only a
+    tick finds the room."""
     leases, key, store = _cap(100)
+    first = leases.acquire()
+    leases.release(first)
+    assert store.zcard(key) == 0  # no tick yet: nothing kept
+    leases._give_back_idle()
     first = leases.acquire()
     leases.release(first)
     assert store.zcard(key) == 1
@@ -173,7 +178,8 @@ def test_a_cap_near_binding_gives_each_lease_back_at_once():
     leases, key, store = _cap(8)
     other = Leases(Shared(REDIS, [leases._service]), leases._service, 8, 5.0)
     others = [other.acquire(), other.acquire()]
-    mine = leases.acquire()
+    leases._give_back_idle()  # 2 of 8: room
+    mine = leases.acquire()  # 3 of 8: no more
     assert isinstance(mine, str) and store.zcard(key) == 3
     leases.release(mine)
     assert store.zcard(key) == 2
@@ -182,10 +188,26 @@ def test_a_cap_near_binding_gives_each_lease_back_at_once():
         other.release(lease)
 
 
+def test_a_flush_while_the_cap_binds_never_lets_a_lost_lease_start_another_call():
+    """Redis loses the leases while this worker holds most of the cap: a later take
+    through Redis sees room, but only the tick may say so (it checks this worker's
+    leases are still there), so the old leases go back, not to the next calls."""
+    leases, key, store = _cap(8)
+    leases._give_back_idle()
+    old = [leases.acquire() for _ in range(6)]
+    store.delete(key)
+    new = leases.acquire()
+    for lease in old:
+        leases.release(lease)
+    assert store.zcard(key) == 1
+    assert leases.acquire() not in old
+
+
 def test_a_lease_redis_lost_is_never_kept_for_another_call():
     """A flushed Redis: a call whose lease is gone ends; its lease must not start
     another call uncounted."""
     leases, key, store = _cap(100)
+    leases._give_back_idle()
     lost = leases.acquire()
     store.delete(key)
     leases._give_back_idle()
@@ -197,9 +219,27 @@ def test_a_lease_redis_lost_is_never_kept_for_another_call():
     assert store.zcard(key) == 0
 
 
-def test_a_worker_shutting_down_gives_back_the_leases_it_kept():
+def test_a_pause_set_by_another_worker_stops_kept_leases_within_a_tick():
+    """The announcement of a pause may be lost; the pause key in Redis is not: the tick
+    reads it and the next calls go through the script, which refuses them."""
     leases, key, store = _cap(100)
+    leases._give_back_idle()
+    busy = leases.acquire()
+    store.set(key.replace(":leases", ":pause"), "1", px=5000)
+    leases._give_back_idle()
+    leases.release(busy)  # not kept for a call in the pause
+    assert store.zcard(key) == 0
+    assert isinstance(leases.acquire(), float)  # the pause's seconds left
+
+
+def test_a_worker_shutting_down_gives_back_the_leases_it_kept_and_keeps_no_more():
+    leases, key, store = _cap(100)
+    leases._give_back_idle()
+    late = leases.acquire()
     leases.release(leases.acquire())
-    assert store.zcard(key) == 1
+    assert store.zcard(key) == 2
     leases.close()
+    assert store.zcard(key) == 1
+    leases._give_back_idle()  # the flow thread ticks on
+    leases.release(late)  # a call that outlived the shutdown's settling
     assert store.zcard(key) == 0

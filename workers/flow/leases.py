@@ -16,13 +16,17 @@ While Redis cannot be reached, a worker allows its local share of the cap
 
 **A cap far from binding costs no round trip per call.** Taking and giving back a lease
 are two round trips, 250 µs of a worker's CPU per call (0.6 of the throughput of a
-worker serving a thousand calls a second, uncapped). While the calls in flight are at
+worker serving a thousand calls a second, uncapped). While the leases in Redis are at
 most a ``ROOMY``-th of a fixed cap, a call that ends keeps its lease for this worker's
-next call (``_idle``); the flow thread gives the idle ones back on its next tick (0.2 s)
-and reads the count again, which decides whether the next leases are kept. Every lease
-stays in Redis, so the cap is never exceeded; what a worker keeps idle while the others
-approach the cap is at most its calls of the last tick. Not under ``auto``: each call's
-outcome moves that limit, in the script that gives its lease back.
+next call (``_idle``). Only the flow thread's tick (every 0.2 s) decides that the cap has
+room (``_roomy``): it gives the kept leases back, and finds room only when Redis
+answered, no lease of this worker's calls is gone from it (flushed, failed over), and
+no pause is set (a pause another worker announced stops kept leases within a tick even
+if the announcement was lost). Taking a lease through Redis can only find that the
+room is gone. Every lease stays in Redis, so the cap holds; a kept lease Redis could
+not take back is given back on the next tick that can; a worker shutting down keeps
+none. Not under ``auto``: each call's outcome moves that limit, in the script that
+gives its lease back.
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ return 0
 """
 
 
-# KEYS[1] leases; ARGV[1] how many idle leases follow (given back), the rest: leases in
-# use. Returns the leases left and those in use that are gone (a flushed Redis).
+# KEYS[1] leases, KEYS[2] the service's pause; ARGV[1] how many idle leases follow
+# (given back), the rest: leases in use. Returns the leases left, the pause's ms left
+# (or <= 0), and the leases in use that are gone (a flushed Redis).
 _GIVE_BACK = """
 local idle = tonumber(ARGV[1])
 for i = 2, idle + 1 do
@@ -87,7 +92,7 @@ for i = idle + 2, #ARGV do
     table.insert(gone, ARGV[i])
   end
 end
-return {redis.call('ZCARD', KEYS[1]), gone}
+return {redis.call('ZCARD', KEYS[1]), redis.call('PTTL', KEYS[2]), gone}
 """
 
 
@@ -117,7 +122,9 @@ class Leases:
         self._members: set[str] = set()  # its leases in Redis, renewed by the flow thread
         self._renew = shared.redis.register_script(_RENEW)
         self._idle: list[str] = []  # leases kept for this worker's next call
+        self._unreturned: list[str] = []  # kept leases a tick could not give back
         self._roomy = False  # the cap is far from binding: keep leases (``ROOMY``)
+        self._closed = False  # shutting down: keep none
         self._give_back = shared.redis.register_script(_GIVE_BACK)
         self._lock = threading.Lock()
         shared.every_beat(self._renew_held)
@@ -155,7 +162,8 @@ class Leases:
                 if not taken:
                     return False
                 self._members.add(member)
-                self._roomy = self.auto is None and rest[0] * ROOMY <= cap
+                if rest[0] * ROOMY > cap:
+                    self._roomy = False  # only the tick finds room (``_give_back_idle``)
             self._held += 1
         return member
 
@@ -165,7 +173,7 @@ class Leases:
         with self._lock:
             self._held -= 1
             held = self._held
-            if self._roomy and lease in self._members:
+            if self._roomy and not self._closed and lease in self._members:
                 self._idle.append(lease)  # for the next call (``_give_back_idle``)
                 return
             self._members.discard(lease)
@@ -185,31 +193,37 @@ class Leases:
         self._set_limit(float(limit))
 
     def close(self) -> None:
-        """At the worker's shutdown: give back the leases kept idle (they would hold
-        their slots until they expire)."""
+        """At the worker's shutdown: keep no lease from now on, and give back those kept
+        (they would hold their slots until they expire)."""
+        with self._lock:
+            self._closed, self._roomy = True, False
         self._give_back_idle()
-        self._roomy = False
 
     def _give_back_idle(self) -> None:
         """In the flow thread, every tick: give back the leases kept idle, and see
         whether the cap still has room enough to keep the next ones."""
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle = self._unreturned + self._idle, []
+            self._unreturned = []
             self._members.difference_update(idle)
             in_use = list(self._members)
-        if not idle and not in_use:
-            return
+        args = [len(idle), *idle, *in_use]
         answer = self._shared.run(
-            lambda r: self._give_back(keys=[self._key], args=[len(idle), *idle, *in_use], client=r)
+            lambda r: self._give_back(keys=[self._key, self._pause_key], args=args, client=r)
         )
         with self._lock:
             if answer is DOWN:
                 self._roomy = False
+                self._unreturned = idle  # ZREM again on a tick that reaches Redis
                 return
-            count, gone = answer
-            # A lease in use that Redis lost (flushed) must not be kept for another call.
-            self._members.difference_update(m.decode() for m in gone)
-            self._roomy = not gone and count * ROOMY <= self.limit
+            count, paused, gone = answer
+            if gone:  # flushed: such a lease must not start another call uncounted
+                lost = {m.decode() for m in gone}
+                self._members.difference_update(lost)
+                self._idle = [m for m in self._idle if m not in lost]
+            self._roomy = (
+                not gone and paused <= 0 and count * ROOMY <= self.limit and not self._closed
+            )
 
     def _renew_held(self, client) -> None:
         """In the flow thread, on its heartbeat: keep this worker's leases from expiring
