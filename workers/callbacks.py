@@ -44,12 +44,18 @@ log = logging.getLogger(__name__)
 TIMEOUT = 10.0  # seconds for one whole attempt: connect, send, status and headers
 CONNECT_TIMEOUT = 3.0  # of which connecting may take this much
 THREADS = 16
-# Attempts at once for one submitter (a job's owner; every anonymous client together is
-# one): the threads are shared round-robin between submitters, so it takes four
-# submitters with slow receivers to hold all 16 threads, and one submitter, however many
-# hosts it names, leaves 12 to everyone else; four at once still lets a submitter with
-# fast receivers send its callbacks in parallel.
+# Attempts at once for one submitter (a job's owner; an anonymous client's callbacks
+# count by receiving host instead, ``Callback.party``): the threads are shared
+# round-robin between submitters, so it takes four submitters with slow receivers to
+# hold all 16 threads, and one submitter, however many hosts it names, leaves 12 to
+# everyone else; four at once still lets a submitter with fast receivers send its
+# callbacks in parallel.
 PER_SUBMITTER = 4
+# Attempts at once of all anonymous clients together: one of them naming many hosts
+# gets a share per host, so together they may hold no more than this, and clients
+# with a credential always keep 6 threads; 10 is more than four slow anonymous hosts
+# hold (8), so four of them still leave another anonymous client a thread.
+PER_ANONYMOUS = 10
 # Attempts at once to one receiving host (by name, whatever the port), whoever submitted
 # them: within a submitter's share the threads go round-robin between its hosts, so a
 # slow receiver holds at most this many (a host is as slow for every submitter).
@@ -62,6 +68,7 @@ PER_HOST = 2
 # DNS zone cost nothing) would fill the 64 prefetched.
 SUBMITTER_BACKLOG = 8
 HOST_BACKLOG = 4
+ANONYMOUS_BACKLOG = 2 * PER_ANONYMOUS
 # What callbacks have sent since they borrowed the fetcher's session; receivers may match
 # on it, so renaming it is a change of its own.
 USER_AGENT = "proxymq-fetcher/0.1"
@@ -76,13 +83,22 @@ class Callback:
     correlation_id: str
     body: bytes
     attempts: int  # attempts made before this one
-    # What fairness counts by first: the job's owner (``proxymq.jobs.owner_hash``, never
-    # the credential), "" for every anonymous client, who have no identity to tell apart.
+    # What fairness counts by first (``party``): the job's owner
+    # (``proxymq.jobs.owner_hash``, never the credential), "" for an anonymous client.
     submitter: str
 
     @property
+    def party(self) -> str:
+        """Whom the threads are shared between: the submitter; for an anonymous client,
+        who has no identity to tell apart, its receiving host (``@`` and the name, which
+        no owner hash looks like). So anonymous clients stand among themselves as they
+        did before submitters were counted, and none of them holds up a client with a
+        credential beyond ``PER_HOST`` per host it names."""
+        return self.submitter or "@" + self.host
+
+    @property
     def host(self) -> str:
-        """What fairness counts by within a submitter: the receiving host's name."""
+        """What fairness counts by within a party: the receiving host's name."""
         try:
             return (urlsplit(self.url).hostname or "").lower()
         except ValueError:
@@ -128,8 +144,11 @@ class FairQueue:
     submitter's many (or slow) callbacks never wait in front of another submitter's, nor
     one host's in front of another host's."""
 
-    def __init__(self, per_submitter: int, per_host: int) -> None:
+    def __init__(
+        self, per_submitter: int, per_host: int, per_anonymous: int = PER_ANONYMOUS
+    ) -> None:
         self._per_submitter, self._per_host = per_submitter, per_host
+        self._per_anonymous = per_anonymous
         self._changed = threading.Condition()
         # submitter -> host -> callbacks, both in turn order
         self._waiting: dict[str, dict[str, deque[Callback]]] = {}
@@ -138,7 +157,7 @@ class FairQueue:
 
     def put(self, callback: Callback) -> None:
         with self._changed:
-            hosts = self._waiting.setdefault(callback.submitter, {})
+            hosts = self._waiting.setdefault(callback.party, {})
             hosts.setdefault(callback.host, deque()).append(callback)
             self._held.add(callback)
             self._changed.notify()
@@ -146,7 +165,12 @@ class FairQueue:
     def held(self, callback: Callback) -> tuple[int, int]:
         """Callbacks waiting or in flight of ``callback``'s submitter, and for its host."""
         with self._changed:
-            return self._held.submitters[callback.submitter], self._held.hosts[callback.host]
+            return self._held.submitters[callback.party], self._held.hosts[callback.host]
+
+    def held_anonymous(self) -> int:
+        """Callbacks of anonymous clients waiting or in flight, all together."""
+        with self._changed:
+            return self._held.anonymous
 
     def take(self) -> Callback:
         with self._changed:
@@ -165,7 +189,10 @@ class FairQueue:
     def _turn(self) -> tuple[str, str] | None:
         """The submitter and host whose callback is next: the first in turn that both
         have room; None when no waiting callback may go now."""
+        anonymous_room = self._active.anonymous < self._per_anonymous
         for submitter, hosts in self._waiting.items():
+            if submitter.startswith("@") and not anonymous_room:
+                continue
             if self._active.submitters[submitter] < self._per_submitter:
                 for host in hosts:
                     if self._active.hosts[host] < self._per_host:
@@ -192,13 +219,16 @@ class _Tally:
     def __init__(self) -> None:
         self.submitters: Counter[str] = Counter()
         self.hosts: Counter[str] = Counter()
+        self.anonymous = 0
 
     def add(self, callback: Callback) -> None:
-        self.submitters[callback.submitter] += 1
+        self.submitters[callback.party] += 1
         self.hosts[callback.host] += 1
+        self.anonymous += not callback.submitter
 
     def remove(self, callback: Callback) -> None:
-        for counts, key in ((self.submitters, callback.submitter), (self.hosts, callback.host)):
+        self.anonymous -= not callback.submitter
+        for counts, key in ((self.submitters, callback.party), (self.hosts, callback.host)):
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]
@@ -221,6 +251,8 @@ class CallbackSender:
         """Whether this worker already holds enough callbacks of ``callback``'s
         submitter, or for its host."""
         submitter, host = self._waiting.held(callback)
+        if not callback.submitter and self._waiting.held_anonymous() >= ANONYMOUS_BACKLOG:
+            return True
         return submitter >= SUBMITTER_BACKLOG or host >= HOST_BACKLOG
 
     def submit(self, callback: Callback, done: Callable[[Callback, bool], None]) -> None:
@@ -300,6 +332,10 @@ class _Submitted:
     @property
     def submitter(self) -> str:
         return self.callback.submitter
+
+    @property
+    def party(self) -> str:
+        return self.callback.party
 
     @property
     def host(self) -> str:

@@ -123,28 +123,39 @@ def submit_to_tarpits(gateway, service, hosts: list[str], each: int = 1, **heade
         assert poll_until_done(gateway, location, **headers).status_code == 200
 
 
-def good_callback_delay(gateway, service, what: str) -> float:
-    """Submit a job as ``GOOD_CLIENT`` with a receiver that answers at once; the seconds
-    from the job being done to its callback's arrival (once delivered)."""
+def good_callback_delay(gateway, service, what: str, client=GOOD_CLIENT) -> float:
+    """Submit a job as ``client`` with a receiver that answers at once; the seconds from
+    the job being done to its callback's arrival (once delivered)."""
     good = Receiver()
-    location = submit(gateway, service, good.url, b"good", **GOOD_CLIENT).headers["Location"]
-    assert poll_until_done(gateway, location, **GOOD_CLIENT).status_code == 200
+    location = submit(gateway, service, good.url, b"good", **client).headers["Location"]
+    assert poll_until_done(gateway, location, **client).status_code == 200
     done = time.monotonic()
     wait_for(lambda: good.arrivals, 40, "the good callback")
     delay = good.arrivals[0][0] - done
     print(f"\n[callbacks] {what}: the good callback came {delay:.2f} s after its job was done")
-    state = functools.partial(callback_state, gateway, location, **GOOD_CLIENT)
+    state = functools.partial(callback_state, gateway, location, **client)
     wait_for(lambda: state() == "delivered", 10, "delivered")
     return delay
 
 
 def test_tarpit_receivers_do_not_delay_another_submitter_s_callback(stack, gateway, downstream):
-    """The tarpits' submitter is anonymous, the good one is not: every anonymous client
-    is one submitter, so another anonymous client would share the tarpits' 4 threads."""
+    """Everyone anonymous, as the issue tried it: four slow hosts hold 8 threads."""
     service = unique_service("tarpit")
     worker(stack, service, downstream)
     submit_to_tarpits(gateway, service, [f"127.0.0.{n}" for n in range(2, 6)])
-    delay = good_callback_delay(gateway, service, "behind 4 anonymous tarpits")
+    delay = good_callback_delay(gateway, service, "behind 4 anonymous tarpits", client={})
+    assert delay < 2, f"the good callback came {delay:.1f} s after its job was done"
+
+
+def test_anonymous_tarpits_on_many_hosts_do_not_delay_a_client_with_a_credential(
+    stack, gateway, downstream
+):
+    """Twelve anonymous tarpit hosts, two callbacks each: by host alone they would hold
+    all 16 threads; all anonymous clients together hold at most 10."""
+    service = unique_service("anontarpits")
+    worker(stack, service, downstream)
+    submit_to_tarpits(gateway, service, [f"127.0.2.{n}" for n in range(1, 13)], each=2)
+    delay = good_callback_delay(gateway, service, "behind 12 anonymous tarpit hosts")
     assert delay < 2, f"the good callback came {delay:.1f} s after its job was done"
 
 

@@ -43,7 +43,7 @@ def test_the_fair_queue_serves_hosts_in_turn_and_at_most_per_host_at_once():
     fair.put(callback("good.example", 9))
     taken = [fair.take(), fair.take(), fair.take()]
     assert [c.host for c in taken] == ["slow.example", "good.example", "slow.example"]
-    assert fair.held(callback("slow.example")) == (6, 5)  # one submitter: anonymous
+    assert fair.held(callback("slow.example")) == (5, 5)  # anonymous: by host
     got: list[Callback] = []
     waiting = threading.Thread(target=lambda: got.append(fair.take()), daemon=True)
     waiting.start()
@@ -102,14 +102,17 @@ def test_a_host_has_at_most_per_host_in_flight_whoever_submitted_its_callbacks()
     assert (fair.take().submitter, fair.held(taken[1])) == ("carol", (1, 2))
 
 
-def test_anonymous_clients_are_one_submitter_together():
-    fair = FairQueue(per_submitter=4, per_host=2)
+def test_anonymous_clients_count_by_host_and_all_together_at_most_per_anonymous():
+    """No identity to tell anonymous clients apart: each host they name is a party of
+    its own, and all of them together hold at most ``per_anonymous`` threads, so a
+    client with a credential always finds one."""
+    fair = FairQueue(per_submitter=4, per_host=2, per_anonymous=3)
     for n in range(6):
         fair.put(callback(f"host{n}.example", n))
     fair.put(callback("named.example", 9, "someone"))
-    taken = [fair.take() for _ in range(5)]
-    assert [c.correlation_id for c in taken] == ["c0", "c9", "c1", "c2", "c3"]
-    assert take_now(fair) is None  # "" has its 4 in flight, whichever hosts they go to
+    taken = [fair.take() for _ in range(4)]
+    assert [c.correlation_id for c in taken] == ["c0", "c1", "c2", "c9"]
+    assert take_now(fair) is None  # the anonymous have their 3 in flight
 
 
 def test_counts_back_to_zero_are_forgotten():
