@@ -64,15 +64,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'callback', ARGV[1])
 end
 """
-# running/queued -> done with the reply; a cancelled or forgotten job stays so.
+# running/queued -> done with the reply, returning its owner; a cancelled or forgotten
+# job stays so (nil).
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'done', 'reply', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return redis.call('HGET', KEYS[1], 'owner') or ''
 end
-return 0
+return false
 """
 
 
@@ -169,17 +170,21 @@ class JobStore:
         """Mark the job running; False when it was cancelled, finished or forgotten."""
         return bool(self._start(keys=[self.key(correlation_id)]))
 
-    def finish(self, correlation_id: str, reply: ReplyEnvelope) -> bool:
+    def finish(self, correlation_id: str, reply: ReplyEnvelope) -> str | None:
+        """Store the reply; the job's owner ("" anonymous: its callback's submitter), or
+        None when the job was cancelled or forgotten meanwhile."""
         args = [encode_reply(reply), self._ttl]
-        return bool(self._finish(keys=[self.key(correlation_id)], args=args))
+        owner = self._finish(keys=[self.key(correlation_id)], args=args)
+        return None if owner is None else owner.decode()
 
-    def unsent_callback(self, correlation_id: str) -> ReplyEnvelope | None:
-        """The stored reply of a finished job whose callback has not been tried yet."""
-        fields = self._redis.hmget(self.key(correlation_id), "status", "reply", "callback")
-        status, reply, callback = fields
+    def unsent_callback(self, correlation_id: str) -> tuple[ReplyEnvelope, str] | None:
+        """The stored reply and the owner of a finished job whose callback has not been
+        tried yet."""
+        fields = ("status", "reply", "callback", "owner")
+        status, reply, callback, owner = self._redis.hmget(self.key(correlation_id), *fields)
         if status != DONE.encode() or reply is None or callback is not None:
             return None
-        return decode_reply(reply)
+        return decode_reply(reply), (owner or b"").decode()
 
     def callback_state(self, correlation_id: str, state: str) -> None:
         """Record how the job's callback went (DELIVERED, RETRYING, FAILED)."""

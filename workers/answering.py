@@ -36,7 +36,8 @@ def start_job(runtime: Runtime, delivery: Delivery) -> bool:
 
 
 def unsent_callback(runtime: Runtime, delivery: Delivery) -> ReplyEnvelope | None:
-    """For a skipped job: its stored answer when its callback is due but was never tried.
+    """For a skipped job: its stored answer when its callback is due but was never tried
+    (and its owner in ``delivery.submitter``, whom the callback is fair to).
 
     A worker that stored the answer and died before the broker held the callback leaves
     the request to be delivered again; the job is done, so it is not run again, but its
@@ -45,21 +46,28 @@ def unsent_callback(runtime: Runtime, delivery: Delivery) -> ReplyEnvelope | Non
     if not delivery.request.callback:
         return None
     try:
-        return runtime.jobs.unsent_callback(delivery.correlation_id)
+        unsent = runtime.jobs.unsent_callback(delivery.correlation_id)
     except Exception as exc:  # the store went away: the job's answer is there anyway
         log.warning("could not check the callback of %s: %r", delivery.correlation_id, exc)
         return None
+    if unsent is None:
+        return None
+    reply, delivery.submitter = unsent
+    return reply
 
 
 def finish_job(runtime: Runtime, delivery: Delivery, reply: ReplyEnvelope) -> bool:
     """Store the answer (a job cancelled or forgotten meanwhile stays so); True when the
-    job's callback is due (the consumer thread publishes it, ``workers.callback_queue``).
+    job's callback is due (the consumer thread publishes it, ``workers.callback_queue``,
+    for the job's owner, which the store answers with: ``delivery.submitter``).
     Raises when the store cannot be reached: unanswered, the request goes back to its
     queue."""
     assert runtime.jobs is not None
     correlation_id, service = delivery.correlation_id, delivery.service.name
-    if not runtime.jobs.finish(correlation_id, reply):
+    owner = runtime.jobs.finish(correlation_id, reply)
+    if owner is None:
         return False
+    delivery.submitter = owner
     failed = reply.error is not None or reply.status >= 500
     observe(metrics.count, metrics.jobs_total, service, "failed" if failed else "completed")
     return bool(delivery.request.callback)

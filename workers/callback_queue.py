@@ -20,13 +20,20 @@ callback is POSTed signed with ``PROXYMQ_CALLBACK_SECRET``, so whoever else may 
 to the queue (the gateway's user can publish anywhere through the default exchange) must
 not be able to have a forged answer signed and sent.
 
-A worker already holding ``HOST_BACKLOG`` callbacks for the same host sends the next one
-to the first retry queue without attempting it (the attempt count unchanged): prefetched
-messages for one slow receiver would otherwise keep every other callback from being taken.
+A callback carries its job's submitter (``SUBMITTER_HEADER``: the job's owner hash, which
+the job record holds; never the credential), so that the worker sending it can be fair
+between submitters (``workers.callbacks.FairQueue``). A message without it, published by
+an older worker, counts as anonymous.
+
+A worker already holding ``SUBMITTER_BACKLOG`` callbacks of the same submitter, or
+``HOST_BACKLOG`` for the same host, sends the next one to the first retry queue without
+attempting it (the attempt count unchanged): prefetched messages for one slow receiver,
+or for one submitter's many, would otherwise keep every other callback from being taken.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 SUFFIX = "_callbacks"
 URL_HEADER = "x-proxymq-callback-url"
 ATTEMPTS_HEADER = "x-proxymq-callback-attempts"
+SUBMITTER_HEADER = "x-proxymq-callback-submitter"
 DELAYS = (5, 30, 120, 600, 3600)  # seconds before retry 1, 2, ...; the last repeats
 PREFETCH = 64  # callbacks a worker holds per service
 
@@ -145,16 +153,18 @@ class CallbackQueues:
         service: str,
         url: str,
         correlation_id: str,
+        submitter: str,
         reply: ReplyEnvelope,
         settled: Callable[[str], None],
     ) -> None:
         """Publish a finished job's callback; ``settled`` gets the broker's answer.
+        ``submitter``: the job's owner, as its record holds it.
 
         Mandatory: a callback queue deleted since this worker connected would otherwise
         swallow the callback while its request is acknowledged. A returned callback is
         published again once the queues are declared again; returned twice, its request
         is given back (NACK) to be called again rather than acknowledged."""
-        callback = Callback(url, correlation_id, payload(correlation_id, reply), 0)
+        callback = Callback(url, correlation_id, payload(correlation_id, reply), 0, submitter)
 
         def published(outcome: str) -> None:
             if outcome == RETURNED:
@@ -188,7 +198,11 @@ class CallbackQueues:
         settled: Callable[[str], None],
         mandatory: bool = False,
     ) -> None:
-        headers = {URL_HEADER: callback.url, ATTEMPTS_HEADER: callback.attempts}
+        headers = {
+            URL_HEADER: callback.url,
+            ATTEMPTS_HEADER: callback.attempts,
+            SUBMITTER_HEADER: callback.submitter,
+        }
         properties = {
             "correlation_id": callback.correlation_id,
             "content_type": "application/json",
@@ -203,18 +217,19 @@ class CallbackQueues:
         tag = message.delivery_tag
         headers = message.properties.get("application_headers") or {}
         url, attempts = headers.get(URL_HEADER), headers.get(ATTEMPTS_HEADER)
+        submitter = headers.get(SUBMITTER_HEADER, "")  # none: an older worker's, anonymous
         correlation_id = message.properties.get("correlation_id")
         user = message.properties.get("user_id")
         if user != self._user:
             log.warning("dropped a callback on %s from broker user %r", queue_of(service), user)
             channel.basic_ack(tag)
             return
-        if not (isinstance(url, str) and type(attempts) is int and isinstance(correlation_id, str)):
+        if not _well_formed(url, attempts, correlation_id, submitter):
             log.warning("dropped a malformed callback message on %s", queue_of(service))
             channel.basic_ack(tag)
             return
-        callback = Callback(url, correlation_id, bytes(message.body), attempts)
-        if self._sender.busy_with(callback.host):
+        callback = Callback(url, correlation_id, bytes(message.body), attempts, submitter)
+        if self._sender.busy_with(callback):
             self._retry(channel, tag, service, callback, callback.attempts, "deferred")
             return
         done = functools.partial(self._attempted, channel, tag, service)
@@ -251,7 +266,7 @@ class CallbackQueues:
         if why == "deferred":
             delay = self._delays[0]
             observe(metrics.count, metrics.callbacks_total, service, why)
-        again = Callback(callback.url, callback.correlation_id, callback.body, attempts)
+        again = dataclasses.replace(callback, attempts=attempts)
         settled = functools.partial(self._retried, channel, tag, service)
         # Mandatory: a retry queue deleted since this worker connected would otherwise
         # swallow the copy, and the callback (its job saying "retrying") with it.
@@ -269,6 +284,12 @@ class CallbackQueues:
                 log.debug("could not declare the callback queues again: %r", exc)
             outcome = NACK
         _settle_message(channel, tag, outcome)
+
+
+def _well_formed(url: object, attempts: object, correlation_id: object, submitter: object) -> bool:
+    """Whether a callback message's fields have the types this worker publishes."""
+    strings = all(isinstance(field, str) for field in (url, correlation_id, submitter))
+    return strings and type(attempts) is int
 
 
 def _settle_message(channel, tag: int, outcome: str) -> None:

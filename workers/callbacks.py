@@ -8,9 +8,11 @@ A receiver is not trusted to behave either. Callbacks travel through the broker
 (``workers.callback_queue``) and are sent by threads of their own, so a slow receiver
 holds no call thread and no request. Connecting may take ``CONNECT_TIMEOUT`` and the
 whole attempt ``TIMEOUT``: the socket is shut then whatever the receiver trickles
-(``proxymq.outbound.DEADLINES``, as downstream calls are). The threads serve receiving
-hosts in turn, at most ``PER_HOST`` attempts at once each (``FairQueue``), so a few
-slow receivers cannot hold up everyone else's callbacks. Only its status line and headers
+(``proxymq.outbound.DEADLINES``, as downstream calls are). The threads serve submitters
+in turn (the job's owner), at most ``PER_SUBMITTER`` attempts at once each, and each
+submitter's receiving hosts in turn, at most ``PER_HOST`` attempts at once per host
+whoever submitted them (``FairQueue``): a client naming slow receivers, on however many
+hosts, cannot hold up other clients' callbacks. Only its status line and headers
 are read (http.client bounds those), never its body. Redirects are not followed: the
 signature and the result go to the URL the client named, or nowhere.
 
@@ -29,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -42,13 +44,31 @@ log = logging.getLogger(__name__)
 TIMEOUT = 10.0  # seconds for one whole attempt: connect, send, status and headers
 CONNECT_TIMEOUT = 3.0  # of which connecting may take this much
 THREADS = 16
-# Attempts at once to one receiving host (by name, whatever the port): the threads are
-# shared round-robin between hosts, so slow receivers hold at most this many each.
+# Attempts at once for one submitter (a job's owner; an anonymous client's callbacks
+# count by receiving host instead, ``Callback.party``): the threads are shared
+# round-robin between submitters, so it takes four submitters with slow receivers to
+# hold all 16 threads, and one submitter, however many hosts it names, leaves 12 to
+# everyone else; four at once still lets a submitter with fast receivers send its
+# callbacks in parallel.
+PER_SUBMITTER = 4
+# Attempts at once of all anonymous clients together: one of them naming many hosts
+# gets a share per host, so together they may hold no more than this, and clients
+# with a credential always keep 6 threads; 10 is more than four slow anonymous hosts
+# hold (8), so four of them still leave another anonymous client a thread.
+PER_ANONYMOUS = 10
+# Attempts at once to one receiving host (by name, whatever the port), whoever submitted
+# them: within a submitter's share the threads go round-robin between its hosts, so a
+# slow receiver holds at most this many (a host is as slow for every submitter).
 PER_HOST = 2
-# Callbacks a worker holds for one host (sending or waiting); beyond, they wait in the
-# broker (``workers.callback_queue`` defers them) rather than in the worker's prefetch,
-# where they would keep other hosts' callbacks from being taken at all.
+# Callbacks a worker holds for one submitter, and for one host (sending or waiting):
+# twice what may be in flight, so a thread that is done finds the next one here. Beyond,
+# they wait in the broker (``workers.callback_queue`` defers them) rather than in the
+# worker's prefetch, where they would keep other submitters' and hosts' callbacks from
+# being taken at all: by hosts alone, one submitter naming 16 hosts (names of a wildcard
+# DNS zone cost nothing) would fill the 64 prefetched.
+SUBMITTER_BACKLOG = 8
 HOST_BACKLOG = 4
+ANONYMOUS_BACKLOG = 2 * PER_ANONYMOUS
 # What callbacks have sent since they borrowed the fetcher's session; receivers may match
 # on it, so renaming it is a change of its own.
 USER_AGENT = "proxymq-fetcher/0.1"
@@ -56,16 +76,29 @@ USER_AGENT = "proxymq-fetcher/0.1"
 
 @dataclass(frozen=True, slots=True)
 class Callback:
-    """One callback to send: where, for which job, what, and how many tries so far."""
+    """One callback to send: where, for which job, what, how many tries so far, and
+    whose it is."""
 
     url: str
     correlation_id: str
     body: bytes
     attempts: int  # attempts made before this one
+    # What fairness counts by first (``party``): the job's owner
+    # (``proxymq.jobs.owner_hash``, never the credential), "" for an anonymous client.
+    submitter: str
+
+    @property
+    def party(self) -> str:
+        """Whom the threads are shared between: the submitter; for an anonymous client,
+        who has no identity to tell apart, its receiving host (``@`` and the name, which
+        no owner hash looks like). So anonymous clients stand among themselves as they
+        did before submitters were counted, and none of them holds up a client with a
+        credential beyond ``PER_HOST`` per host it names."""
+        return self.submitter or "@" + self.host
 
     @property
     def host(self) -> str:
-        """What fairness counts by: the receiving host's name."""
+        """What fairness counts by within a party: the receiving host's name."""
         try:
             return (urlsplit(self.url).hostname or "").lower()
         except ValueError:
@@ -104,47 +137,101 @@ def loggable(url: str) -> str:
 
 
 class FairQueue:
-    """Callbacks waiting for a thread, by receiving host. ``take`` hands them out in turn
-    from each host that has fewer than ``per_host`` in flight, so one host's many (or
-    slow) callbacks never wait in front of another host's."""
+    """Callbacks waiting for a thread, by submitter and, within each, by receiving host.
+    ``take`` hands them out in turn from each submitter with fewer than
+    ``per_submitter`` in flight and, within its share, in turn from each of its hosts
+    with fewer than ``per_host`` in flight (counted across submitters), so one
+    submitter's many (or slow) callbacks never wait in front of another submitter's, nor
+    one host's in front of another host's."""
 
-    def __init__(self, per_host: int) -> None:
-        self._per_host = per_host
+    def __init__(
+        self, per_submitter: int, per_host: int, per_anonymous: int = PER_ANONYMOUS
+    ) -> None:
+        self._per_submitter, self._per_host = per_submitter, per_host
+        self._per_anonymous = per_anonymous
         self._changed = threading.Condition()
-        self._waiting: dict[str, deque[Callback]] = {}  # in turn order
-        self._active: dict[str, int] = {}
+        # submitter -> host -> callbacks, both in turn order
+        self._waiting: dict[str, dict[str, deque[Callback]]] = {}
+        self._active = _Tally()  # in flight
+        self._held = _Tally()  # waiting or in flight
 
     def put(self, callback: Callback) -> None:
         with self._changed:
-            self._waiting.setdefault(callback.host, deque()).append(callback)
+            hosts = self._waiting.setdefault(callback.party, {})
+            hosts.setdefault(callback.host, deque()).append(callback)
+            self._held.add(callback)
             self._changed.notify()
 
-    def held(self, host: str) -> int:
-        """Callbacks for ``host`` waiting or in flight."""
+    def held(self, callback: Callback) -> tuple[int, int]:
+        """Callbacks waiting or in flight of ``callback``'s submitter, and for its host."""
         with self._changed:
-            return len(self._waiting.get(host, ())) + self._active.get(host, 0)
+            return self._held.submitters[callback.party], self._held.hosts[callback.host]
+
+    def held_anonymous(self) -> int:
+        """Callbacks of anonymous clients waiting or in flight, all together."""
+        with self._changed:
+            return self._held.anonymous
 
     def take(self) -> Callback:
         with self._changed:
-            while True:
-                for host in list(self._waiting):
-                    if self._active.get(host, 0) < self._per_host:
-                        waiting = self._waiting.pop(host)
-                        callback = waiting.popleft()
-                        if waiting:  # to the end of the turn order
-                            self._waiting[host] = waiting
-                        self._active[host] = self._active.get(host, 0) + 1
-                        return callback
+            while (turn := self._turn()) is None:
                 self._changed.wait()
+            callback = self._pop(*turn)
+            self._active.add(callback)
+            return callback
 
     def done(self, callback: Callback) -> None:
         with self._changed:
-            left = self._active.get(callback.host, 1) - 1
-            if left:
-                self._active[callback.host] = left
-            else:
-                self._active.pop(callback.host, None)
+            self._active.remove(callback)
+            self._held.remove(callback)
             self._changed.notify_all()
+
+    def _turn(self) -> tuple[str, str] | None:
+        """The submitter and host whose callback is next: the first in turn that both
+        have room; None when no waiting callback may go now."""
+        anonymous_room = self._active.anonymous < self._per_anonymous
+        for submitter, hosts in self._waiting.items():
+            if submitter.startswith("@") and not anonymous_room:
+                continue
+            if self._active.submitters[submitter] < self._per_submitter:
+                for host in hosts:
+                    if self._active.hosts[host] < self._per_host:
+                        return submitter, host
+        return None
+
+    def _pop(self, submitter: str, host: str) -> Callback:
+        """Take the host's first callback; the host goes to the end of its submitter's
+        turn order, the submitter to the end of the submitters' (while they wait)."""
+        hosts = self._waiting.pop(submitter)
+        waiting = hosts.pop(host)
+        callback = waiting.popleft()
+        if waiting:
+            hosts[host] = waiting
+        if hosts:
+            self._waiting[submitter] = hosts
+        return callback
+
+
+class _Tally:
+    """Callbacks counted by submitter and by host. A count back to 0 is dropped: hosts
+    are named by clients, so they must not pile up."""
+
+    def __init__(self) -> None:
+        self.submitters: Counter[str] = Counter()
+        self.hosts: Counter[str] = Counter()
+        self.anonymous = 0
+
+    def add(self, callback: Callback) -> None:
+        self.submitters[callback.party] += 1
+        self.hosts[callback.host] += 1
+        self.anonymous += not callback.submitter
+
+    def remove(self, callback: Callback) -> None:
+        self.anonymous -= not callback.submitter
+        for counts, key in ((self.submitters, callback.party), (self.hosts, callback.host)):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
 
 
 class CallbackSender:
@@ -155,14 +242,18 @@ class CallbackSender:
     def __init__(self, secret: str | None, allow_private: bool, threads: int = THREADS) -> None:
         self._secret = secret
         self._policy = outbound.policy_for(allow_private)
-        self._waiting = FairQueue(PER_HOST)
+        self._waiting = FairQueue(PER_SUBMITTER, PER_HOST)
         for number in range(threads):
             name = f"proxymq-callback-{number}"
             threading.Thread(target=self._serve, name=name, daemon=True).start()
 
-    def busy_with(self, host: str) -> bool:
-        """Whether this worker already holds enough of ``host``'s callbacks."""
-        return self._waiting.held(host) >= HOST_BACKLOG
+    def busy_with(self, callback: Callback) -> bool:
+        """Whether this worker already holds enough callbacks of ``callback``'s
+        submitter, or for its host."""
+        submitter, host = self._waiting.held(callback)
+        if not callback.submitter and self._waiting.held_anonymous() >= ANONYMOUS_BACKLOG:
+            return True
+        return submitter >= SUBMITTER_BACKLOG or host >= HOST_BACKLOG
 
     def submit(self, callback: Callback, done: Callable[[Callback, bool], None]) -> None:
         """Queue one attempt and return at once."""
@@ -230,13 +321,21 @@ class CallbackSender:
 
 
 class _Submitted:
-    """A callback with what to call when its attempt is over; hashable by host for the
-    fair queue (it quacks like a ``Callback``)."""
+    """A callback with what to call when its attempt is over; counted by submitter and
+    host in the fair queue (it quacks like a ``Callback``)."""
 
     __slots__ = ("callback", "done")
 
     def __init__(self, callback: Callback, done: Callable[[Callback, bool], None]) -> None:
         self.callback, self.done = callback, done
+
+    @property
+    def submitter(self) -> str:
+        return self.callback.submitter
+
+    @property
+    def party(self) -> str:
+        return self.callback.party
 
     @property
     def host(self) -> str:

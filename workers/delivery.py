@@ -44,6 +44,7 @@ class Delivery:
     trace: object = None  # its spans while tracing is on (workers.tracing)
     attempt: int = 1  # of its call, with PROXYMQ_RETRIES (workers.flow.retry)
     retry_in: float = 0.0  # seconds until its next attempt, when one is due
+    submitter: str = ""  # its job's owner, once its answer is stored: whom its callback is fair to
 
     @property
     def answers_a_client(self) -> bool:

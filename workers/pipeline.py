@@ -502,9 +502,7 @@ class Pipeline:
         elif action == REQUEUE:
             _requeue(delivery.message)
         elif action == CALLBACK:
-            settled = self._settler(delivery.message)
-            url, cid = delivery.request.callback, delivery.correlation_id
-            self._callbacks.enqueue(delivery.service.name, url, cid, reply, settled)
+            self._publish_callback(delivery, reply, self._settler(delivery.message))
         elif action != STREAMED:
             _ack(delivery.message)
         if reply is not None:
@@ -537,11 +535,17 @@ class Pipeline:
         """In a call thread: a dead-lettered job's poison answer, stored, and its callback
         published from the consumer thread (its message is settled by the dead letter)."""
         if self._store(delivery, reply) == CALLBACK:
-            url, cid = delivery.request.callback, delivery.correlation_id
-            step = functools.partial(
-                self._callbacks.enqueue, delivery.service.name, url, cid, reply, _ignore
-            )
+            step = functools.partial(self._publish_callback, delivery, reply, _ignore)
             self._consumer.call_soon(_safely, step)
+
+    def _publish_callback(
+        self, delivery: Delivery, reply: ReplyEnvelope, settled: Callable[[str], None]
+    ) -> None:
+        """A stored job's callback, for its submitter (``answering`` read it from the job's
+        record when it stored the answer)."""
+        url, cid = delivery.request.callback, delivery.correlation_id
+        service, submitter = delivery.service.name, delivery.submitter
+        self._callbacks.enqueue(service, url, cid, submitter, reply, settled)
 
     def _publish_head(
         self, delivery: Delivery, streaming: Streaming, stream_id: str, slot: Slot

@@ -2,6 +2,7 @@
 delivered by any worker, kept when a worker dies, and never held up by other clients'
 slow receivers."""
 
+import functools
 import json
 import signal
 import socket
@@ -42,11 +43,12 @@ def worker(stack, service, downstream, *extra, **env):
     return stack.worker(service, downstream.url, *extra, **env)
 
 
-def submit(gateway, service, callback, body=b"job"):
+def submit(gateway, service, callback, body=b"job", **headers):
+    """``headers``: more of them, e.g. ``Authorization`` (whose job it is)."""
     response = requests.post(
         f"{gateway.url}/{service}/x",
         data=body,
-        headers={**ASYNC, "X-ProxyMQ-Callback": callback},
+        headers={**ASYNC, "X-ProxyMQ-Callback": callback, **headers},
     )
     assert response.status_code == 202, response.text
     return response
@@ -99,25 +101,89 @@ class Receiver(RawServer):
                 pass
 
 
-def callback_state(gateway, location):
-    return requests.get(gateway.url + location).headers.get("X-ProxyMQ-Callback-State")
+def callback_state(gateway, location, **headers):
+    answer = requests.get(gateway.url + location, headers=headers)
+    return answer.headers.get("X-ProxyMQ-Callback-State")
 
 
-def test_tarpit_receivers_do_not_delay_another_submitter_s_callback(stack, gateway, downstream):
-    service = unique_service("tarpit")
-    worker(stack, service, downstream)
-    tarpits = [Receiver(tarpit=True, host=f"127.0.0.{n}") for n in range(2, 6)]
-    for tarpit in tarpits:
-        submit(gateway, service, tarpit.url)
+GOOD_CLIENT = {"Authorization": "Bearer good"}
+ATTACKER = {"Authorization": "Bearer attacker"}
+
+
+def submit_to_tarpits(gateway, service, hosts: list[str], each: int = 1, **headers):
+    """Jobs whose callbacks go to a tarpit on each of ``hosts``, ``each`` per host, once
+    they are done: their callbacks are published before whatever is submitted next."""
+    tarpits = [Receiver(tarpit=True, host=host) for host in hosts]
+    locations = [
+        submit(gateway, service, tarpit.url, **headers).headers["Location"]
+        for tarpit in tarpits
+        for _ in range(each)
+    ]
+    for location in locations:
+        assert poll_until_done(gateway, location, **headers).status_code == 200
+
+
+def good_callback_delay(gateway, service, what: str, client=GOOD_CLIENT) -> float:
+    """Submit a job as ``client`` with a receiver that answers at once; the seconds from
+    the job being done to its callback's arrival (once delivered)."""
     good = Receiver()
-    location = submit(gateway, service, good.url, b"good").headers["Location"]
-    assert poll_until_done(gateway, location).status_code == 200
+    location = submit(gateway, service, good.url, b"good", **client).headers["Location"]
+    assert poll_until_done(gateway, location, **client).status_code == 200
     done = time.monotonic()
     wait_for(lambda: good.arrivals, 40, "the good callback")
     delay = good.arrivals[0][0] - done
-    print(f"\n[callbacks] the good callback came {delay:.2f} s after its job finished")
-    assert delay < 2, f"the good callback came {delay:.1f} s after its job finished"
-    wait_for(lambda: callback_state(gateway, location) == "delivered", 10, "delivered")
+    print(f"\n[callbacks] {what}: the good callback came {delay:.2f} s after its job was done")
+    state = functools.partial(callback_state, gateway, location, **client)
+    wait_for(lambda: state() == "delivered", 10, "delivered")
+    return delay
+
+
+def test_tarpit_receivers_do_not_delay_another_submitter_s_callback(stack, gateway, downstream):
+    """Everyone anonymous, as the issue tried it: four slow hosts hold 8 threads."""
+    service = unique_service("tarpit")
+    worker(stack, service, downstream)
+    submit_to_tarpits(gateway, service, [f"127.0.0.{n}" for n in range(2, 6)])
+    delay = good_callback_delay(gateway, service, "behind 4 anonymous tarpits", client={})
+    assert delay < 2, f"the good callback came {delay:.1f} s after its job was done"
+
+
+def test_anonymous_tarpits_on_many_hosts_do_not_delay_a_client_with_a_credential(
+    stack, gateway, downstream
+):
+    """Twelve anonymous tarpit hosts, two callbacks each: by host alone they would hold
+    all 16 threads; all anonymous clients together hold at most 10."""
+    service = unique_service("anontarpits")
+    worker(stack, service, downstream)
+    submit_to_tarpits(gateway, service, [f"127.0.2.{n}" for n in range(1, 13)], each=2)
+    delay = good_callback_delay(gateway, service, "behind 12 anonymous tarpit hosts")
+    assert delay < 2, f"the good callback came {delay:.1f} s after its job was done"
+
+
+def test_one_submitter_s_tarpits_on_many_hosts_do_not_delay_another_submitter_s_callback(
+    stack, gateway, downstream
+):
+    """Ten tarpit hosts, two callbacks each: 20 attempts would hold all 16 sender threads
+    for 10 s each if only hosts were taken in turn; submitters are taken in turn first."""
+    service = unique_service("tarpits")
+    worker(stack, service, downstream)
+    hosts = [f"127.0.0.{n}" for n in range(2, 12)]
+    submit_to_tarpits(gateway, service, hosts, each=2, **ATTACKER)
+    delay = good_callback_delay(gateway, service, "behind 10 tarpit hosts, 2 callbacks each")
+    assert delay < 2, f"the good callback came {delay:.1f} s after its job was done"
+
+
+def test_one_submitter_s_callbacks_to_many_hosts_do_not_fill_the_worker_s_prefetch(
+    stack, gateway, downstream
+):
+    """72 tarpit hosts, one callback each (names of a wildcard DNS zone would do): held
+    by hosts alone, they would be the 64 callbacks a worker prefetches, and the good
+    one would wait in the broker for the first of them to be done."""
+    service = unique_service("tarpitfill")
+    worker(stack, service, downstream)
+    hosts = [f"127.0.1.{n}" for n in range(1, 73)]
+    submit_to_tarpits(gateway, service, hosts, **ATTACKER)
+    delay = good_callback_delay(gateway, service, "behind 72 tarpit hosts")
+    assert delay < 2, f"the good callback came {delay:.1f} s after its job was done"
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
