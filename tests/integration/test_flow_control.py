@@ -339,8 +339,9 @@ def submit(gateway, service, path) -> str:
 
 def test_a_retry_after_pauses_the_service_on_every_worker(stack, gateway, capacity_stub, service):
     """Jobs, since the gateway answers synchronous requests 503 at once during the pause
-    (issue 25); the cap (not binding) makes every worker ask Redis, so none that has not
-    heard of the pause yet starts a call in it."""
+    (issue 25). Under the cap (not binding), a worker that has not heard of the pause
+    yet and has no lease kept from a call of its own takes one through Redis, which
+    reads the pause key: it starts no call in the pause."""
     workers(stack, service, capacity_stub.url, 2, "-c", "4", PROXYMQ_MAX_CONCURRENCY="8")
     first = get(gateway, service, "/retry-after/3")
     assert first.status_code == 503  # the answer the client asked for

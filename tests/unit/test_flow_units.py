@@ -13,6 +13,7 @@ from workers.flow import retry_after
 from workers.flow.adaptive import LocalLimit
 from workers.flow.budget import RetryBudget
 from workers.flow.leases import Leases
+from workers.flow.rate import RateLimit
 from workers.flow.shared import Shared
 from workers.flow.state import FlowState
 
@@ -196,7 +197,7 @@ def test_a_flush_while_the_cap_binds_never_lets_a_lost_lease_start_another_call(
     leases._give_back_idle()
     old = [leases.acquire() for _ in range(6)]
     store.delete(key)
-    new = leases.acquire()
+    assert isinstance(leases.acquire(), str)
     for lease in old:
         leases.release(lease)
     assert store.zcard(key) == 1
@@ -243,3 +244,37 @@ def test_a_worker_shutting_down_gives_back_the_leases_it_kept_and_keeps_no_more(
     leases._give_back_idle()  # the flow thread ticks on
     leases.release(late)  # a call that outlived the shutdown's settling
     assert store.zcard(key) == 0
+
+
+def _rate(calls: int, burst: int | None = None) -> tuple[RateLimit, str, redis.Redis]:
+    name = f"rate-{time.time_ns()}"
+    rate = RateLimit(Shared(REDIS, [name]), name, Rate(calls, 1.0), burst)
+    return rate, f"proxymq:flow:{{{name}}}:rate", redis.Redis.from_url(REDIS)
+
+
+def test_a_rate_far_from_its_limit_takes_a_ticks_tokens_in_one_go_and_gives_back_the_rest():
+    """100/s, a burst of 100: after a tick of 10 calls, the next take asks for 10 tokens
+    (the bucket stays more than half full), the next 9 calls need no round trip, and
+    the tick gives back what was not spent."""
+    rate, key, store = _rate(100)
+    assert [rate.take() for _ in range(10)] == [0.0] * 10
+    rate._give_back_stock()
+    first = float(store.get(key))
+    assert rate.take() == 0.0
+    taken = float(store.get(key))
+    assert 99 <= taken - first <= 101  # 10 tokens of 10 ms
+    assert [rate.take() for _ in range(4)] == [0.0] * 4
+    assert float(store.get(key)) == taken  # spent from the stock
+    rate._give_back_stock()
+    assert 49 <= taken - float(store.get(key)) <= 51  # the 5 not spent
+
+
+def test_a_rate_near_its_limit_takes_one_token_per_call():
+    """A burst of 1: each token is the next call's, never a stock."""
+    rate, _, _ = _rate(1000, burst=1)
+    rate.take()
+    rate._started = 10
+    rate._give_back_stock()
+    while rate.take() > 0:  # the next token, a millisecond on
+        pass
+    assert rate._stock == 0
