@@ -69,6 +69,9 @@ PER_HOST = 2
 SUBMITTER_BACKLOG = 8
 HOST_BACKLOG = 4
 ANONYMOUS_BACKLOG = 2 * PER_ANONYMOUS
+# What an anonymous client's party (its receiving host) is prefixed with: no owner hash
+# (hex) starts so.
+ANONYMOUS = "@"
 # What callbacks have sent since they borrowed the fetcher's session; receivers may match
 # on it, so renaming it is a change of its own.
 USER_AGENT = "proxymq-fetcher/0.1"
@@ -94,7 +97,7 @@ class Callback:
         no owner hash looks like). So anonymous clients stand among themselves as they
         did before submitters were counted, and none of them holds up a client with a
         credential beyond ``PER_HOST`` per host it names."""
-        return self.submitter or "@" + self.host
+        return self.submitter or ANONYMOUS + self.host
 
     @property
     def host(self) -> str:
@@ -134,6 +137,11 @@ def loggable(url: str) -> str:
         if parts.port:
             where += f":{parts.port}"
     return repr(f"{parts.scheme}://{where}{parts.path}")
+
+
+def anonymous(party: str) -> bool:
+    """Whether ``party`` (``Callback.party``) is an anonymous client's receiving host."""
+    return party.startswith(ANONYMOUS)
 
 
 class FairQueue:
@@ -191,7 +199,7 @@ class FairQueue:
         have room; None when no waiting callback may go now."""
         anonymous_room = self._active.anonymous < self._per_anonymous
         for submitter, hosts in self._waiting.items():
-            if submitter.startswith("@") and not anonymous_room:
+            if anonymous(submitter) and not anonymous_room:
                 continue
             if self._active.submitters[submitter] < self._per_submitter:
                 for host in hosts:
@@ -224,10 +232,10 @@ class _Tally:
     def add(self, callback: Callback) -> None:
         self.submitters[callback.party] += 1
         self.hosts[callback.host] += 1
-        self.anonymous += not callback.submitter
+        self.anonymous += anonymous(callback.party)
 
     def remove(self, callback: Callback) -> None:
-        self.anonymous -= not callback.submitter
+        self.anonymous -= anonymous(callback.party)
         for counts, key in ((self.submitters, callback.party), (self.hosts, callback.host)):
             counts[key] -= 1
             if counts[key] <= 0:
@@ -251,7 +259,7 @@ class CallbackSender:
         """Whether this worker already holds enough callbacks of ``callback``'s
         submitter, or for its host."""
         submitter, host = self._waiting.held(callback)
-        if not callback.submitter and self._waiting.held_anonymous() >= ANONYMOUS_BACKLOG:
+        if anonymous(callback.party) and self._waiting.held_anonymous() >= ANONYMOUS_BACKLOG:
             return True
         return submitter >= SUBMITTER_BACKLOG or host >= HOST_BACKLOG
 
@@ -262,17 +270,18 @@ class CallbackSender:
     def _serve(self) -> None:
         while True:
             submitted = self._waiting.take()
+            callback = submitted.callback
             try:
-                delivered = self.attempt(submitted.callback)
+                delivered = self.attempt(callback)
             except Exception:  # a bug must not stop the thread
-                log.exception("callback for %s failed", submitted.callback.correlation_id)
+                log.exception("callback for %s failed", callback.correlation_id)
                 delivered = False
             finally:
                 self._waiting.done(submitted)
             try:
-                submitted.done(submitted.callback, delivered)
+                submitted.done(callback, delivered)
             except Exception:
-                log.exception("settling the callback for %s failed", submitted.correlation_id)
+                log.exception("settling the callback for %s failed", callback.correlation_id)
 
     def attempt(self, callback: Callback) -> bool:
         """POST the callback once; True on a 2xx."""
@@ -321,17 +330,13 @@ class CallbackSender:
 
 
 class _Submitted:
-    """A callback with what to call when its attempt is over; counted by submitter and
-    host in the fair queue (it quacks like a ``Callback``)."""
+    """A callback with what to call when its attempt is over; counted by party and host
+    in the fair queue, which reads nothing else."""
 
     __slots__ = ("callback", "done")
 
     def __init__(self, callback: Callback, done: Callable[[Callback, bool], None]) -> None:
         self.callback, self.done = callback, done
-
-    @property
-    def submitter(self) -> str:
-        return self.callback.submitter
 
     @property
     def party(self) -> str:
@@ -340,7 +345,3 @@ class _Submitted:
     @property
     def host(self) -> str:
         return self.callback.host
-
-    @property
-    def correlation_id(self) -> str:
-        return self.callback.correlation_id
