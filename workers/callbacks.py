@@ -11,8 +11,10 @@ whole attempt ``TIMEOUT``: the socket is shut then whatever the receiver trickle
 (``proxymq.outbound.DEADLINES``, as downstream calls are). The threads serve submitters
 in turn (the job's owner), at most ``PER_SUBMITTER`` attempts at once each, and each
 submitter's receiving hosts in turn, at most ``PER_HOST`` attempts at once per host
-whoever submitted them (``FairQueue``): a client naming slow receivers, on however many
-hosts, cannot hold up other clients' callbacks. Only its status line and headers
+whoever submitted them (``FairQueue``): a credential naming slow receivers, on however
+many hosts, cannot hold up other credentials' callbacks. The gateway does not check
+credentials: fairness is between the credentials clients send, and one client sending
+several has several shares (``docs/jobs.md``). Only its status line and headers
 are read (http.client bounds those), never its body. Redirects are not followed: the
 signature and the result go to the URL the client named, or nowhere.
 
@@ -52,20 +54,23 @@ THREADS = 16
 # callbacks in parallel.
 PER_SUBMITTER = 4
 # Attempts at once of all anonymous clients together: one of them naming many hosts
-# gets a share per host, so together they may hold no more than this, and clients
-# with a credential always keep 6 threads; 10 is more than four slow anonymous hosts
-# hold (8), so four of them still leave another anonymous client a thread.
+# gets a share per host, so together they may hold no more than this, and clients with
+# a credential (any: the gateway checks none) always keep 6 threads; 10 is more than
+# four slow anonymous hosts hold (8), so four of them still leave another anonymous
+# client a thread.
 PER_ANONYMOUS = 10
 # Attempts at once to one receiving host (by name, whatever the port), whoever submitted
 # them: within a submitter's share the threads go round-robin between its hosts, so a
 # slow receiver holds at most this many (a host is as slow for every submitter).
 PER_HOST = 2
-# Callbacks a worker holds for one submitter, and for one host (sending or waiting):
-# twice what may be in flight, so a thread that is done finds the next one here. Beyond,
-# they wait in the broker (``workers.callback_queue`` defers them) rather than in the
-# worker's prefetch, where they would keep other submitters' and hosts' callbacks from
+# Callbacks a worker holds for one party, and of one party for one host (sending or
+# waiting): twice what may be in flight, so a thread that is done finds the next one
+# here. Beyond, they wait in the broker (``workers.callback_queue`` defers them) rather
+# than in the worker's prefetch, where they would keep other parties' callbacks from
 # being taken at all: by hosts alone, one submitter naming 16 hosts (names of a wildcard
-# DNS zone cost nothing) would fill the 64 prefetched.
+# DNS zone cost nothing) would fill the 64 prefetched. The host's backlog is each
+# party's: counted for everyone, a client naming another's host would defer its
+# callbacks for as long as it kept 4 there.
 SUBMITTER_BACKLOG = 8
 HOST_BACKLOG = 4
 ANONYMOUS_BACKLOG = 2 * PER_ANONYMOUS
@@ -171,9 +176,11 @@ class FairQueue:
             self._changed.notify()
 
     def held(self, callback: Callback) -> tuple[int, int]:
-        """Callbacks waiting or in flight of ``callback``'s submitter, and for its host."""
+        """Callbacks waiting or in flight of ``callback``'s party, and of that party for
+        its host: the backlog is each party's, so that another client naming a host
+        (a filtered port of it, 3 s a connect) cannot defer the host's own clients."""
         with self._changed:
-            return self._held.submitters[callback.party], self._held.hosts[callback.host]
+            return self._held.submitters[callback.party], self._held.pairs[_pair(callback)]
 
     def held_anonymous(self) -> int:
         """Callbacks of anonymous clients waiting or in flight, all together."""
@@ -227,19 +234,30 @@ class _Tally:
     def __init__(self) -> None:
         self.submitters: Counter[str] = Counter()
         self.hosts: Counter[str] = Counter()
+        self.pairs: Counter[tuple[str, str]] = Counter()  # (party, host)
         self.anonymous = 0
 
     def add(self, callback: Callback) -> None:
         self.submitters[callback.party] += 1
         self.hosts[callback.host] += 1
+        self.pairs[_pair(callback)] += 1
         self.anonymous += anonymous(callback.party)
 
     def remove(self, callback: Callback) -> None:
         self.anonymous -= anonymous(callback.party)
-        for counts, key in ((self.submitters, callback.party), (self.hosts, callback.host)):
+        counted = (
+            (self.submitters, callback.party),
+            (self.hosts, callback.host),
+            (self.pairs, _pair(callback)),
+        )
+        for counts, key in counted:
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]
+
+
+def _pair(callback: Callback) -> tuple[str, str]:
+    return callback.party, callback.host
 
 
 class CallbackSender:
@@ -256,8 +274,8 @@ class CallbackSender:
             threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     def busy_with(self, callback: Callback) -> bool:
-        """Whether this worker already holds enough callbacks of ``callback``'s
-        submitter, or for its host."""
+        """Whether this worker already holds enough callbacks of ``callback``'s party,
+        or of that party for its host."""
         submitter, host = self._waiting.held(callback)
         if anonymous(callback.party) and self._waiting.held_anonymous() >= ANONYMOUS_BACKLOG:
             return True

@@ -22,6 +22,9 @@ from workers import metrics
 
 COMMAND = "proxymq_dead_letters_purged"
 REPLY_TIMEOUT = 1.0  # seconds; Celery's own default for inspect and control
+# More dead letters than any queue holds: a larger count is not a purge's (2 x 10**308
+# made the counter inf, and ``increase()`` useless until the worker restarts).
+MAX_COUNT = 10**9
 
 # What asking the workers can fail with: no broker, or a user without the remote-control
 # permissions (``celery.pidbox``), which the dead letters themselves do not need.
@@ -38,7 +41,7 @@ def dead_letters_purged(state, service: str, count: int) -> dict:
     anyone who may send remote control could otherwise make label values up."""
     if service not in state.consumer.controller.proxymq.config.services:
         return nok(f"this worker does not serve {service!r}")
-    if type(count) is not int or count < 0:
+    if type(count) is not int or not 0 <= count <= MAX_COUNT:
         return nok(f"{count!r} is not a number of dead letters")
     metrics.dead_letters_purged_total.labels(service).inc(count)
     return ok(f"counted {count}")

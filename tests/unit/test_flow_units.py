@@ -14,7 +14,7 @@ from workers.flow.adaptive import LocalLimit
 from workers.flow.budget import RetryBudget
 from workers.flow.leases import Leases
 from workers.flow.rate import RateLimit
-from workers.flow.shared import Shared
+from workers.flow.shared import DOWN, Shared
 from workers.flow.state import FlowState
 
 
@@ -278,3 +278,25 @@ def test_a_rate_near_its_limit_takes_one_token_per_call():
     while rate.take() > 0:  # the next token, a millisecond on
         pass
     assert rate._stock == 0
+
+
+def test_kept_leases_two_ticks_could_not_give_back_are_all_given_back_later():
+    """close() and the flow thread's tick at once, Redis down: neither may overwrite the
+    leases the other could not give back (they would hold their slots until expiry)."""
+    leases, key, store = _cap(100)
+    leases._give_back_idle()
+    lease = leases.acquire()
+    reach_redis, nested = leases._shared.run, []
+
+    def down(command):
+        if not nested:  # while the tick's script is in flight:
+            nested.append(True)
+            leases.release(lease)  # a call ends and keeps its lease
+            leases._give_back_idle()  # close() gives it back, Redis down too
+        return DOWN
+
+    leases._shared.run = down
+    leases._give_back_idle()
+    leases._shared.run = reach_redis
+    leases._give_back_idle()
+    assert store.zcard(key) == 0

@@ -214,7 +214,8 @@ class Leases:
         with self._lock:
             if answer is DOWN:
                 self._roomy = False
-                self._unreturned = idle  # ZREM again on a tick that reaches Redis
+                self._unreturned += idle  # ZREM again on a tick that reaches Redis (+=: close()
+                # and the tick may both be here)
                 return
             count, paused, gone = answer
             if gone:  # flushed: such a lease must not start another call uncounted

@@ -14,9 +14,10 @@ the rate and of the burst.
 at least half full, a worker takes in one go as many tokens as it started calls in the
 flow thread's last tick (0.2 s), spends them on its next calls, and gives back on the
 next tick what it did not spend. A call may so start up to a tick after its token was
-taken, in a bucket more than half full: no window sees more than the rule allows plus
-a tick's worth of this worker's calls. Near the limit (and with a burst of 1) every
-call takes its own token, as before.
+taken, in a bucket more than half full: a window may see up to a tick's worth of the
+service's calls more than the rule allows (every worker's stock), never more than half
+the burst, since a stock is only taken while the bucket stays half full. Near the
+limit (and with a burst of 1) every call takes its own token, as before.
 """
 
 from __future__ import annotations
