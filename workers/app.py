@@ -119,6 +119,9 @@ app.conf.update(
     # workers of one name) cannot happen; the queue still goes with its consumer
     # (auto-delete, Celery's 10 s expiry).
     control_queue_exclusive=False,
+    # The channel errors of a node going away are retried like a lost connection, not
+    # fatal (``workers.consumer.TRANSIENT_CHANNEL_ERRORS``).
+    broker_channel_error_retry=True,
 )
 app.steps["consumer"].add(ForwardStep)
 

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 
+import amqp
 from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.common import ignore_errors
@@ -90,8 +91,22 @@ class ForwardStep(bootsteps.StartStopStep):
         self.pipeline.close()
 
 
+# Channel errors a broker node going away causes for a moment: a worker reconnecting to
+# another node of a cluster got 404 binding its remote-control queue (the broker was still
+# removing the dead node's copy) and, before that, 405 declaring it (the old connection
+# still held it). Any other channel error (403 permissions, 406 a queue declared with
+# other arguments) is a configuration that retrying cannot mend: it still stops the worker.
+TRANSIENT_CHANNEL_ERRORS = (amqp.exceptions.NotFound, amqp.exceptions.ResourceLocked)
+
+
 class Consumer(CeleryConsumer):
     _events_flush_at = 0.0  # monotonic time of the scheduled flush; 0.0: none
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # With ``broker_channel_error_retry`` Celery restarts the consumer (reconnects,
+        # declares again) on these, as on a lost connection, instead of exiting.
+        self.channel_errors = TRANSIENT_CHANNEL_ERRORS
 
     class Blueprint(CeleryConsumer.Blueprint):
         """Celery's consumer steps without ``DelayedDelivery``.

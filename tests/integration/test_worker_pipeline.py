@@ -476,3 +476,47 @@ class BatchEcho:
         finally:
             with self._lock:
                 self._now -= 1
+
+
+def test_a_queue_an_old_connection_still_holds_is_retried_not_fatal(stack, downstream):
+    """During a cluster's rolling restart a worker reconnecting to another node got
+    ``404 NOT_FOUND`` binding its remote-control queue (the broker was still removing the
+    dead node's copy), or ``405 RESOURCE_LOCKED`` declaring it, and exited. Reproduced
+    with the 405: another connection holds a queue of the worker's remote-control name
+    until the test lets it go, as a connection on a dying node does."""
+    service = unique_service("chanerr")
+    node = f"chan-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    holder = kombu.Connection(BROKER_URL)
+    holder.default_channel.queue_declare(f"{node}.celery.pidbox", exclusive=True)
+    try:
+        worker = stack.worker(service, downstream.url, "-n", node, named=False, wait=False)
+        wait_for(
+            lambda: (
+                "Unrecoverable error" in worker.log() or worker.log().count("RESOURCE_LOCKED") >= 4
+            ),
+            60,
+            "the worker to retry its remote-control queue, or give up",
+        )
+        assert "Unrecoverable error" not in worker.log(), worker.log()[-3000:]
+        assert worker.alive()
+    finally:
+        holder.release()
+    wait_for(lambda: consumers(f"{service}_requests") == 1, 60, "the worker consuming")
+    gateway = stack.gateway()
+    assert requests.post(f"{gateway.url}/{service}/echo", data=b"hi").status_code == 200
+    assert _celery("inspect", "ping", "-d", node).returncode == 0
+    assert worker.alive()
+
+
+def test_a_request_queue_declared_otherwise_still_stops_the_worker(stack, downstream):
+    """Only a node going away is retried: a queue of the service's name with other
+    arguments is a configuration to mend, and the worker says so and exits."""
+    service = unique_service("otherargs")
+    with kombu.Connection(BROKER_URL) as connection:
+        connection.default_channel.queue_declare(f"{service}_requests", durable=False)
+    try:
+        worker = stack.worker(service, downstream.url, wait=False)
+        assert worker.popen.wait(60) != 0
+        assert "PRECONDITION_FAILED" in worker.log()
+    finally:
+        delete_queues(f"{service}_requests")
