@@ -52,6 +52,7 @@ class Capacity:
     def __init__(self, capacity: int, delay: float) -> None:
         self.capacity, self.delay = capacity, delay
         self.in_flight = self.max_in_flight = self.calls = self.refused = 0
+        self.refused_at: list[float] = []  # monotonic times (one clock for every process)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -76,7 +77,8 @@ class Capacity:
 
     async def answer(self, path: str) -> tuple[int, bytes]:
         if path == "/stats":
-            stats = {k: getattr(self, k) for k in ("calls", "refused", "max_in_flight")}
+            keys = ("calls", "refused", "max_in_flight", "refused_at")
+            stats = {k: getattr(self, k) for k in keys}
             return 200, json.dumps(stats).encode()
         if path.startswith("/capacity/"):
             self.capacity = int(path.rsplit("/", 1)[1])
@@ -84,6 +86,7 @@ class Capacity:
         self.calls += 1
         if self.in_flight >= self.capacity:
             self.refused += 1
+            self.refused_at.append(time.monotonic())
             return 429, b"busy"
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -165,6 +168,7 @@ def scenario(args: argparse.Namespace, name: str, worker_env: dict[str, str]) ->
         peak = [idle_rss]
         threading.Thread(target=sample_rss, args=(gateway.pid, peak, done), daemon=True).start()
         clients = args.burst_clients if name == "burst" else args.clients
+        started = time.monotonic()
         load = run_wrk(url, clients, args.duration, timeout_s=120)
         done.set()
         after = json.loads(get(stub_url + "/stats"))
@@ -180,6 +184,7 @@ def scenario(args: argparse.Namespace, name: str, worker_env: dict[str, str]) ->
             "of_capacity": load.rps / capacity_rps,
             "stub_refused": after["refused"] - before["refused"],
             "stub_max_in_flight": after["max_in_flight"],
+            "refused_per_second": refused_per_second(after["refused_at"], started, args.duration),
             "clients": clients,
             "gateway_rss_idle_mb": round(idle_rss / 2**20, 1),
             "gateway_rss_peak_mb": round(max(peak) / 2**20, 1),
@@ -191,6 +196,15 @@ def scenario(args: argparse.Namespace, name: str, worker_env: dict[str, str]) ->
         }
     finally:
         run.stop()
+
+
+def refused_per_second(times: list[float], started: float, duration: float) -> list[int]:
+    """The stub's 429s in each second of the load: where a scenario's errors come from."""
+    counts = [0] * (int(duration) + 1)
+    for at in times:
+        if 0 <= at - started < len(counts):
+            counts[int(at - started)] += 1
+    return counts
 
 
 def sample_rss(pid: int, peak: list[int], done: threading.Event) -> None:

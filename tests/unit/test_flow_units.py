@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from email.utils import formatdate
 
@@ -10,7 +11,7 @@ import redis
 
 from proxymq.config import ConfigError, Rate, WorkerConfig
 from workers.flow import retry_after
-from workers.flow.adaptive import LocalLimit
+from workers.flow.adaptive import PROBE_CALLS, LocalLimit
 from workers.flow.budget import RetryBudget
 from workers.flow.leases import Leases
 from workers.flow.rate import RateLimit
@@ -126,8 +127,8 @@ def test_a_retry_budget_redis_refuses_falls_back_to_the_workers_own():
 
 def test_auto_cuts_once_for_the_calls_of_an_overshoot_and_again_at_the_next_failure():
     """The failures of the calls in flight at a cut are one signal: one cut (to the calls
-    still in flight). Once that round has come back, a failure cuts again however soon
-    it comes: a 429 is back in a millisecond, and a cool-down timed to a call let the
+    still in flight). A call started after it that fails cuts again however soon it
+    comes: a 429 is back in a millisecond, and a cool-down timed to a call let the
     freed slots fail dozens of times each after the service's capacity halved."""
     name = f"auto-{time.time_ns()}"
     store = redis.Redis.from_url("redis://127.0.0.1:6379/0")
@@ -142,10 +143,55 @@ def test_auto_cuts_once_for_the_calls_of_an_overshoot_and_again_at_the_next_fail
     assert leases.limit == 3.5
 
 
-def test_without_redis_auto_counts_its_rounds_the_same_way():
+def test_a_call_started_after_a_cut_that_fails_cuts_again_while_older_calls_are_out():
+    """A service's capacity halved: calls started under the cut limit fail at once, long
+    before the calls in flight at the cut come back; each such failure is a new signal
+    (counting a round of calls let 11 to 15 fast 429s through each time)."""
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 8, "probing": 1})
+    leases = Leases(Shared("redis://127.0.0.1:6379/0", [name]), name, None, 5.0, auto=(1, 100))
+    held = [leases.acquire() for _ in range(8)]
+    leases.release(held.pop(), ok=False)
+    assert leases.limit == 7
+    leases.release(held.pop(), ok=True)  # an older call answered: a slot for a new one
+    leases.release(leases.acquire(), ok=False)
+    assert leases.limit == 6  # to the 6 older calls still out
+    leases.release(held.pop(), ok=False)  # an older call's failure: the same signal
+    assert leases.limit == 6
+
+
+def test_without_redis_auto_cuts_once_per_round_of_calls():
     local = LocalLimit(8.0, 1, 100)
     assert [local.adjust(False, busy) for busy in range(7, -1, -1)] == [7.0] * 8
     assert local.adjust(False, 0) == 3.5
+
+
+def test_after_a_cut_auto_probes_slowly_near_it_and_faster_the_longer_none_comes():
+    """Near a steady capacity, one call more every PROBE_CALLS rounds (a probe past it
+    costs one failed call); a capacity that came back is found again in well under the
+    time that pace would take."""
+    local = LocalLimit(4.0, 1, 100)
+    calls = {}
+    while local.limit < 8:
+        local.adjust(True, 0)
+        calls.setdefault(math.floor(local.limit), local._since_cut)
+    assert calls[5] == pytest.approx(4 * PROBE_CALLS, rel=0.15)
+    at_one_per_probe = sum(PROBE_CALLS * limit for limit in (4, 5, 6, 7))
+    assert calls[8] < 0.5 * at_one_per_probe
+
+
+def test_auto_grows_the_same_in_redis_and_without_it():
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 4, "probing": 1})
+    leases = Leases(Shared("redis://127.0.0.1:6379/0", [name]), name, None, 5.0, auto=(1, 100))
+    local = LocalLimit(4.0, 1, 100)
+    for _ in range(450):
+        leases.release(leases.acquire(), ok=True)
+        local.adjust(True, 0)
+    assert leases.limit == pytest.approx(local.limit, rel=1e-9)
+    assert leases.limit > 8
 
 
 REDIS = "redis://127.0.0.1:6379/0"

@@ -9,16 +9,23 @@ reads it. The rule (after Netflix's concurrency-limits ``AIMDLimit`` and TCP):
 - **additive increase** afterwards: each success adds 1 / (``PROBE_CALLS`` * limit), so
   the limit probes one call above what worked about once every ``PROBE_CALLS`` rounds:
   each probe past a service that answers 429 beyond its capacity costs one failed
-  call, which is what keeps the failures near 1 %;
+  call, which is what keeps the failures near 1 %. Once ``PROBE_CALLS`` rounds have
+  passed without a cut, the step grows with the square of the rounds since the cut (as
+  CUBIC's probing past the last loss): near a steady capacity the next cut comes first
+  and nothing changes, but a service whose capacity came back is found again in about
+  half the time (at one call per ``PROBE_CALLS`` rounds, the climb back from half of
+  8 took most of the phase it was measured in);
 - **multiplicative decrease**: a 429, a 503, a timeout or no answer, or recent calls
   (a running average) slower than ``SLOW`` times the latency floor, cuts it by
-  ``BACKOFF`` (or to the calls still in flight, if lower, but never below half), at
-  most once per round of calls: the calls in flight at a cut must come back (be
-  counted back) before the next cut, because the failures one overshoot causes come
-  together and are one signal. A round is counted in calls, not timed: a 429 comes back
-  in a millisecond, so after the service's capacity halves, a cool-down timed to a call
-  let the freed slots fail dozens of times each before the next cut (5.9 % errors over a
-  run that halved and restored it, against 1.8 % counted).
+  ``BACKOFF`` (or to the calls still in flight, if lower, but never below half), but
+  only a call that started after the last cut can cut it again (each cut counts one
+  more in the limit's ``cuts``; a lease carries the count it was taken under). The
+  failures of the calls in flight at an overshoot come together and are one signal;
+  a call started under the new limit that fails is a new one, however soon it comes.
+  Counting a round of calls instead (the calls in flight at a cut had to come back
+  first) let the fast 429s of new calls make up that round after a service's
+  capacity halved: 11 to 15 failed calls each time, most of a run's failures, against
+  one per cut.
 
 The latency floor is this worker's (``LatencyFloor``); the limit stays within
 ``PROXYMQ_MIN_CONCURRENCY`` and ``PROXYMQ_AUTO_MAX_CONCURRENCY``.
@@ -32,7 +39,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from workers.flow.gate import CallOutcome
 
-PROBE_CALLS = 20
+PROBE_CALLS = 30
+CLIMB_AFTER = 20  # rounds without a cut after which probing speeds up
 BACKOFF = 0.9
 SLOW = 2.0
 FLOOR_CREEP = 0.01
@@ -40,12 +48,12 @@ RECENT_WEIGHT = 0.05
 DROPS = frozenset({429, 503, 504})  # and 502 without an answer: see ``verdict``
 
 # Gives a lease back and adjusts the limit. KEYS[1] the leases, KEYS[2] the limit's hash;
-# ARGV: ok (1) or drop (0), min, max, the lease ('' for none), PROBE_CALLS, BACKOFF. A cut
-# goes to BACKOFF times the limit, or to the calls still in flight if that is lower (the
-# service just refused, or slowed down at, one more than those: one above them would
-# leave a floored limit where it was, and every call past it refused until the next
-# cut), but never below half the limit; it records those calls in flight as the round
-# (``round``) that must come back (``since_cut``) before the next. Returns the limit.
+# ARGV: ok (1) or drop (0), min, max, the lease ('' for none), PROBE_CALLS, BACKOFF,
+# CLIMB_AFTER, the ``cuts`` the lease was taken under ('' for none). A cut goes to
+# BACKOFF times the limit, or to the calls still in flight if that is lower (the service
+# just refused, or slowed down at, one more than those: one above them would leave a
+# floored limit where it was, and every call past it refused until the next cut), but
+# never below half the limit. Returns the limit.
 RELEASE_ADJUST = """
 if ARGV[4] ~= '' then redis.call('ZREM', KEYS[1], ARGV[4]) end
 local min, max = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -54,14 +62,16 @@ local probing = redis.call('HGET', KEYS[2], 'probing')
 local since = redis.call('HINCRBY', KEYS[2], 'since_cut', 1)
 if ARGV[1] == '1' then
   if probing then
-    limit = limit + 1 / (tonumber(ARGV[5]) * limit)
+    local rounds = since / limit / tonumber(ARGV[7])
+    limit = limit + math.max(1, rounds ^ 2) / (tonumber(ARGV[5]) * limit)
   else
     limit = limit + 1 / limit
   end
-elseif since > tonumber(redis.call('HGET', KEYS[2], 'round') or 0) then
+elseif (tonumber(ARGV[8]) or math.huge) >= tonumber(redis.call('HGET', KEYS[2], 'cuts') or 0) then
   local busy = redis.call('ZCARD', KEYS[1])
   limit = math.max(math.min(limit * tonumber(ARGV[6]), busy), limit / 2)
-  redis.call('HSET', KEYS[2], 'round', busy, 'since_cut', 0, 'probing', 1)
+  redis.call('HSET', KEYS[2], 'since_cut', 0, 'probing', 1)
+  redis.call('HINCRBY', KEYS[2], 'cuts', 1)
 end
 if limit < min then limit = min end
 if limit > max then limit = max end
@@ -69,6 +79,14 @@ redis.call('HSET', KEYS[2], 'limit', tostring(limit))
 redis.call('PEXPIRE', KEYS[2], 3600000)
 return tostring(limit)
 """
+
+
+def probe_step(limit: float, since_cut: int) -> float:
+    """What a success adds to the limit after the first cut: one call per
+    ``PROBE_CALLS`` rounds, faster with the square of the rounds past ``PROBE_CALLS``
+    without a cut (``RELEASE_ADJUST`` does the same in Redis)."""
+    rounds = since_cut / limit / CLIMB_AFTER
+    return max(1.0, rounds**2) / (PROBE_CALLS * limit)
 
 
 class LatencyFloor:
@@ -104,7 +122,9 @@ def verdict(outcome: CallOutcome, floor: LatencyFloor) -> bool:
 
 
 class LocalLimit:
-    """The same rule on this worker alone, while Redis cannot be reached."""
+    """The same rule on this worker alone, while Redis cannot be reached, but for which
+    failures may cut again: a slot taken then carries no count of cuts, so the calls in
+    flight at a cut must come back (be counted back) first, a round of calls."""
 
     def __init__(self, start: float, low: int, high: int) -> None:
         self.limit = start
@@ -117,7 +137,7 @@ class LocalLimit:
         with self._lock:
             self._since_cut += 1
             if ok:
-                self.limit += 1 / (PROBE_CALLS * self.limit)
+                self.limit += probe_step(self.limit, self._since_cut)
             elif self._since_cut > self._round:
                 self.limit = max(min(self.limit * BACKOFF, busy), self.limit / 2)
                 self._round, self._since_cut = busy, 0

@@ -43,8 +43,9 @@ ROOMY = 4
 
 # KEYS[1] leases, KEYS[2] the auto limit's hash, KEYS[3] the service's pause; ARGV: limit
 # (0: read KEYS[2]), lease ms, member, the auto limit's start. Returns {1 taken | 0 the
-# cap is reached, the cap} or, while a pause lasts, {0, 0, its ms left}: a worker that
-# has not heard of the pause yet cannot start a call in it.
+# cap is reached, the cap, the leases taken, the auto limit's cuts} or, while a pause
+# lasts, {0, 0, its ms left}: a worker that has not heard of the pause yet cannot start
+# a call in it.
 _ACQUIRE = """
 local paused = redis.call('PTTL', KEYS[3])
 if paused > 0 then
@@ -53,8 +54,11 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
+local cuts = 0
 if limit == 0 then
-  limit = math.floor(tonumber(redis.call('HGET', KEYS[2], 'limit') or ARGV[4]))
+  local auto = redis.call('HMGET', KEYS[2], 'limit', 'cuts')
+  limit = math.floor(tonumber(auto[1] or ARGV[4]))
+  cuts = tonumber(auto[2] or 0)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= limit then
@@ -62,7 +66,7 @@ if redis.call('ZCARD', KEYS[1]) >= limit then
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, limit, redis.call('ZCARD', KEYS[1])}
+return {1, limit, redis.call('ZCARD', KEYS[1]), cuts}
 """
 
 # KEYS[1] leases; ARGV[1] lease ms, the rest: this worker's leases still held. Moves
@@ -120,6 +124,7 @@ class Leases:
         self._numbers = itertools.count()
         self._held = 0  # this worker's calls in flight under the cap
         self._members: set[str] = set()  # its leases in Redis, renewed by the flow thread
+        self._cuts: dict[str, int] = {}  # under auto: the limit's cuts each lease was taken at
         self._renew = shared.redis.register_script(_RENEW)
         self._idle: list[str] = []  # leases kept for this worker's next call
         self._unreturned: list[str] = []  # kept leases a tick could not give back
@@ -162,6 +167,8 @@ class Leases:
                 if not taken:
                     return False
                 self._members.add(member)
+                if self.auto:
+                    self._cuts[member] = rest[1]
                 if rest[0] * ROOMY > cap:
                     self._roomy = False  # only the tick finds room (``_give_back_idle``)
             self._held += 1
@@ -177,6 +184,7 @@ class Leases:
                 self._idle.append(lease)  # for the next call (``_give_back_idle``)
                 return
             self._members.discard(lease)
+            cuts = self._cuts.pop(lease, "")  # type: ignore[arg-type]
         if self.auto is None or ok is None:
             if lease is not None:
                 self._shared.run(lambda r: r.zrem(self._key, lease))
@@ -184,7 +192,7 @@ class Leases:
         low, high = self.auto
         verdict = "1" if ok else "0"
         args = [verdict, low, high, lease or ""]
-        args += [adaptive.PROBE_CALLS, adaptive.BACKOFF]
+        args += [adaptive.PROBE_CALLS, adaptive.BACKOFF, adaptive.CLIMB_AFTER, cuts]
         limit = self._shared.run(
             lambda r: self._release_adjust(keys=[self._key, self._auto_key], args=args, client=r)
         )
