@@ -520,3 +520,25 @@ def test_a_request_queue_declared_otherwise_still_stops_the_worker(stack, downst
         assert "PRECONDITION_FAILED" in worker.log()
     finally:
         delete_queues(f"{service}_requests")
+
+
+def test_a_channel_error_that_never_goes_away_does_not_spin_the_consumer(stack, downstream):
+    """A 405 (or 404) that never clears - a queue of the worker's remote-control name held
+    for good by another connection, a classic queue whose node is gone - restarts the
+    consumer over and over. It must back off, not reconnect and log a traceback several
+    times a second for as long as the worker lives."""
+    service = unique_service("chanloop")
+    node = f"loop-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    holder = kombu.Connection(BROKER_URL)
+    holder.default_channel.queue_declare(f"{node}.celery.pidbox", exclusive=True)
+    try:
+        worker = stack.worker(service, downstream.url, "-n", node, named=False, wait=False)
+        wait_for(lambda: "RESOURCE_LOCKED" in worker.log(), 60, "the first 405")
+        before = worker.log().count("RESOURCE_LOCKED")
+        time.sleep(10)
+        restarts = worker.log().count("RESOURCE_LOCKED") - before
+        print("restarts in 10 s:", restarts, "log bytes:", len(worker.log()))
+        assert restarts <= 10, worker.log()[-3000:]
+    finally:
+        holder.release()
+
