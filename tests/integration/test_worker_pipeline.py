@@ -542,3 +542,29 @@ def test_a_channel_error_that_never_goes_away_does_not_spin_the_consumer(stack, 
     finally:
         holder.release()
 
+
+
+def test_an_exchange_deleted_under_the_worker_restarts_it_without_losing_or_repeating_calls(
+    stack, downstream
+):
+    """An operator deletes Celery's ``celeryev`` exchange while a call is in flight. The
+    next event publish gets 404, which now restarts the consumer. The connection is
+    fine, yet Celery drops it (``on_connection_error_after_connected`` collects it)
+    before ``ForwardStep`` settles the calls in flight: the broker redelivers the
+    request and the restarted consumer makes the call again while the first still
+    runs. Without the retry the worker exited, but settled its call first: one call."""
+    service = unique_service("evdel")
+    worker = stack.worker(service, downstream.url)
+    gateway = stack.gateway()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(requests.post, f"{gateway.url}/{service}/sleep/4", data=b"a", timeout=60)
+        wait_for(lambda: any("/sleep/4" in s.raw_uri for s in downstream.seen), 30, "the call")
+        with kombu.Connection(BROKER_URL) as connection:
+            connection.default_channel.exchange_delete("celeryev")
+        fast = pool.submit(requests.post, f"{gateway.url}/{service}/echo", data=b"b", timeout=60)
+        assert slow.result().status_code == 200
+        assert fast.result().status_code == 200
+    time.sleep(2)
+    assert len([s for s in downstream.seen if "/sleep/4" in s.raw_uri]) == 1, worker.log()[-3000:]
+    assert worker.alive(), worker.log()[-3000:]
+    assert requests.post(f"{gateway.url}/{service}/echo", data=b"c", timeout=60).status_code == 200
