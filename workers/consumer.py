@@ -82,13 +82,18 @@ class ForwardStep(bootsteps.StartStopStep):
     def _finish(self, c) -> None:
         """Warm shutdown or a lost connection: stop consuming, and settle what is in
         flight while the connection lasts."""
-        if c.task_consumer is not None:
-            ignore_errors(c.connection, c.task_consumer.cancel)
-        self.pipeline.stop_taking()
-        if c.connection is not None and c.connection.connected:
-            timeout = max(s.downstream_timeout for s in self.pipeline.services.values())
-            self.pipeline.settle_outstanding(c.connection, timeout)
+        _settle(c, self.pipeline)
         self.pipeline.close()
+
+
+def _settle(c, pipeline: Pipeline) -> None:
+    """Stop consuming, and settle what is in flight while the connection lasts."""
+    if c.task_consumer is not None:
+        ignore_errors(c.connection, c.task_consumer.cancel)
+    pipeline.stop_taking()
+    if c.connection is not None and c.connection.connected:
+        timeout = max(s.downstream_timeout for s in pipeline.services.values())
+        pipeline.settle_outstanding(c.connection, timeout)
 
 
 # Channel errors a broker node going away causes for a moment: a worker reconnecting to
@@ -107,6 +112,17 @@ class Consumer(CeleryConsumer):
         # With ``broker_channel_error_retry`` Celery restarts the consumer (reconnects,
         # declares again) on these, as on a lost connection, instead of exiting.
         self.channel_errors = TRANSIENT_CHANNEL_ERRORS
+
+    def on_connection_error_after_connected(self, exc) -> None:
+        """A channel error leaves the connection up, but Celery drops it here, before
+        ``ForwardStep.stop`` could settle the calls in flight: the broker would redeliver
+        their requests and the restarted consumer make each call again while the first
+        still runs. Settle them first, while the connection lasts, as a warm shutdown does."""
+        if isinstance(exc, TRANSIENT_CHANNEL_ERRORS) and getattr(self, "pipeline", None):
+            if self.connection is not None and self.connection.connected:
+                with contextlib.suppress(Exception):
+                    _settle(self, self.pipeline)
+        super().on_connection_error_after_connected(exc)
 
     class Blueprint(CeleryConsumer.Blueprint):
         """Celery's consumer steps without ``DelayedDelivery``.
