@@ -374,8 +374,18 @@ def test_a_redis_outage_after_a_long_local_climb_does_not_jump_the_local_limit()
     """The local limit's count of calls since its last cut outlives the outage it was
     counted in: after Redis cut the shared limit, the next outage's first success must
     not take the limit (and this worker's local share) to the maximum in one call."""
-    local = LocalLimit(4.0, 1, 100)
-    for _ in range(20000):  # a long first outage without a failure
-        local.adjust(True, 0)
-    local.limit = 4.0  # Redis answered again meanwhile and cut the limit (``_set_limit``)
-    assert local.adjust(True, 0) < 4.0 + 1.0
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url(REDIS)
+    shared = Shared(REDIS, [name])
+    leases = Leases(shared, name, None, 5.0, auto=(1, 100))
+    shared._down_until = time.monotonic() + 600  # a long first outage without a failure
+    for _ in range(20000):
+        leases.release(leases.acquire(), ok=True)
+    assert leases.limit == 100
+    shared._down_until = 0.0  # Redis is back, where the fleet cut the limit to 4
+    store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 4, "probing": 1})
+    leases.release(leases.acquire(), ok=None)
+    assert leases.limit == 4
+    shared._down_until = time.monotonic() + 600  # the next outage
+    leases.release(leases.acquire(), ok=True)
+    assert leases.limit < 4 + 1
