@@ -132,6 +132,14 @@ class LocalLimit:
         self._round = self._since_cut = 0
         self._lock = threading.Lock()
 
+    def follow(self, limit: float) -> None:
+        """The shared limit Redis answered: the calls counted since this worker's last
+        local cut belong to another limit (an earlier outage's) and must not speed up
+        the probing from this one."""
+        with self._lock:
+            self.limit = limit
+            self._round = self._since_cut = 0
+
     def adjust(self, ok: bool, busy: int) -> float:
         """``busy``: this worker's calls still in flight under the limit."""
         with self._lock:

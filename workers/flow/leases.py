@@ -244,6 +244,6 @@ class Leases:
 
     def _set_limit(self, limit: float) -> None:
         self.limit = limit
-        if self._local is not None:
-            self._local.limit = limit
+        if self._local is not None and self._local.limit != limit:
+            self._local.follow(limit)  # Redis's limit, not the local rule's
         metrics.concurrency_limit.labels(self._service).set(math.floor(limit))
