@@ -568,3 +568,22 @@ def test_an_exchange_deleted_under_the_worker_restarts_it_without_losing_or_repe
     assert len([s for s in downstream.seen if "/sleep/4" in s.raw_uri]) == 1, worker.log()[-3000:]
     assert worker.alive(), worker.log()[-3000:]
     assert requests.post(f"{gateway.url}/{service}/echo", data=b"c", timeout=60).status_code == 200
+
+
+def test_a_malformed_message_is_not_lost_when_its_dead_queue_was_deleted(stack, downstream):
+    """An operator deletes ``<queue>.dead`` (say, after reading it) while the worker
+    runs. The dead letter is published to the default exchange, not mandatory: the
+    broker confirms a publish that reached no queue, and the original is acknowledged.
+    The next malformed message must not vanish: it stays in its queue, or the dead
+    queue is declared again and holds it."""
+    service = unique_service("deadgone")
+    stack.worker(service, downstream.url)
+    queue = f"{service}_requests"
+    delete_queues(queue + ".dead")
+    with kombu.Connection(BROKER_URL) as connection:
+        channel = connection.default_channel
+        channel.basic_publish(amqp.Message(b"\x00garbage", content_type="x/none"), "", queue)
+    time.sleep(3)
+    ready, unacked = queue_counts(queue)
+    dead = queue_counts(queue + ".dead")
+    assert (ready + unacked) == 1 or dead[0] == 1, (ready, unacked, dead)
