@@ -389,3 +389,20 @@ def test_a_redis_outage_after_a_long_local_climb_does_not_jump_the_local_limit()
     shared._down_until = time.monotonic() + 600  # the next outage
     leases.release(leases.acquire(), ok=True)
     assert leases.limit < 4 + 1
+
+
+def test_after_redis_went_back_to_an_older_count_of_cuts_one_overshoot_still_cuts_once():
+    """Redis restarted from an older snapshot (or failed over to a replica behind): the
+    limit's ``cuts`` is lower than the count the calls in flight were taken under. Their
+    failures, one overshoot, must cut once, not each (a lease ahead of the stored count
+    compares >= for ever, since each cut adds only one)."""
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url(REDIS)
+    auto = f"proxymq:flow:{{{name}}}:auto"
+    store.hset(auto, mapping={"limit": 40, "probing": 1, "cuts": 10})
+    leases = Leases(Shared(REDIS, [name]), name, None, 5.0, auto=(1, 100))
+    held = [leases.acquire() for _ in range(30)]
+    store.hset(auto, "cuts", 3)  # the older snapshot's count
+    for lease in held[:6]:
+        leases.release(lease, ok=False)
+    assert leases.limit == 29  # one cut, to the 29 calls still out
