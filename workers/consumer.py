@@ -102,6 +102,8 @@ def _settle(c, pipeline: Pipeline) -> None:
 # still held it). Any other channel error (403 permissions, 406 a queue declared with
 # other arguments) is a configuration that retrying cannot mend: it still stops the worker.
 TRANSIENT_CHANNEL_ERRORS = (amqp.exceptions.NotFound, amqp.exceptions.ResourceLocked)
+CHANNEL_ERROR_MAX_BACKOFF_S = 10.0
+CHANNEL_ERROR_QUIET_S = 60.0
 
 
 class Consumer(CeleryConsumer):
@@ -123,6 +125,26 @@ class Consumer(CeleryConsumer):
                 with contextlib.suppress(Exception):
                     _settle(self, self.pipeline)
         super().on_connection_error_after_connected(exc)
+        if isinstance(exc, TRANSIENT_CHANNEL_ERRORS):
+            self._back_off_channel_error()
+
+    _channel_errors_streak = 0
+    _channel_error_at = 0.0
+
+    def _back_off_channel_error(self) -> None:
+        """The broker is up, so Celery reconnects at once: a 404/405 that does not clear
+        (a classic queue whose node is gone for good, a queue another connection holds)
+        would restart the consumer several times a second, a connection and a logged
+        traceback each, for as long as the worker lives. Back off exponentially (up to
+        ``CHANNEL_ERROR_MAX_BACKOFF_S``); a streak ends after a quiet minute."""
+        now = time.monotonic()
+        if now - self._channel_error_at > CHANNEL_ERROR_QUIET_S:
+            self._channel_errors_streak = 0
+        self._channel_error_at = now
+        delay = min(CHANNEL_ERROR_MAX_BACKOFF_S, 0.5 * 2**self._channel_errors_streak)
+        self._channel_errors_streak += 1
+        log.warning("consumer: a channel error again; reconnecting in %.1f s", delay)
+        time.sleep(delay)
 
     class Blueprint(CeleryConsumer.Blueprint):
         """Celery's consumer steps without ``DelayedDelivery``.
