@@ -587,3 +587,19 @@ def test_a_malformed_message_is_not_lost_when_its_dead_queue_was_deleted(stack, 
     ready, unacked = queue_counts(queue)
     dead = queue_counts(queue + ".dead")
     assert (ready + unacked) == 1 or dead[0] == 1, (ready, unacked, dead)
+
+
+def test_a_worker_backing_off_a_channel_error_stops_promptly_on_sigterm(stack, downstream):
+    service = unique_service("chanterm")
+    node = f"term-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    holder = kombu.Connection(BROKER_URL)
+    holder.default_channel.queue_declare(f"{node}.celery.pidbox", exclusive=True)
+    try:
+        worker = stack.worker(service, downstream.url, "-n", node, named=False, wait=False)
+        wait_for(lambda: worker.log().count("RESOURCE_LOCKED") >= 5, 60, "a long backoff")
+        started = time.monotonic()
+        worker.popen.send_signal(15)
+        worker.popen.wait(30)
+        assert time.monotonic() - started < 12, worker.log()[-2000:]
+    finally:
+        holder.release()
