@@ -82,13 +82,18 @@ class ForwardStep(bootsteps.StartStopStep):
     def _finish(self, c) -> None:
         """Warm shutdown or a lost connection: stop consuming, and settle what is in
         flight while the connection lasts."""
-        if c.task_consumer is not None:
-            ignore_errors(c.connection, c.task_consumer.cancel)
-        self.pipeline.stop_taking()
-        if c.connection is not None and c.connection.connected:
-            timeout = max(s.downstream_timeout for s in self.pipeline.services.values())
-            self.pipeline.settle_outstanding(c.connection, timeout)
+        _settle(c, self.pipeline)
         self.pipeline.close()
+
+
+def _settle(c, pipeline: Pipeline) -> None:
+    """Stop consuming, and settle what is in flight while the connection lasts."""
+    if c.task_consumer is not None:
+        ignore_errors(c.connection, c.task_consumer.cancel)
+    pipeline.stop_taking()
+    if c.connection is not None and c.connection.connected:
+        timeout = max(s.downstream_timeout for s in pipeline.services.values())
+        pipeline.settle_outstanding(c.connection, timeout)
 
 
 # Channel errors a broker node going away causes for a moment: a worker reconnecting to
@@ -97,6 +102,8 @@ class ForwardStep(bootsteps.StartStopStep):
 # still held it). Any other channel error (403 permissions, 406 a queue declared with
 # other arguments) is a configuration that retrying cannot mend: it still stops the worker.
 TRANSIENT_CHANNEL_ERRORS = (amqp.exceptions.NotFound, amqp.exceptions.ResourceLocked)
+CHANNEL_ERROR_MAX_BACKOFF_S = 10.0
+CHANNEL_ERROR_QUIET_S = 60.0
 
 
 class Consumer(CeleryConsumer):
@@ -107,6 +114,37 @@ class Consumer(CeleryConsumer):
         # With ``broker_channel_error_retry`` Celery restarts the consumer (reconnects,
         # declares again) on these, as on a lost connection, instead of exiting.
         self.channel_errors = TRANSIENT_CHANNEL_ERRORS
+
+    def on_connection_error_after_connected(self, exc) -> None:
+        """A channel error leaves the connection up, but Celery drops it here, before
+        ``ForwardStep.stop`` could settle the calls in flight: the broker would redeliver
+        their requests and the restarted consumer make each call again while the first
+        still runs. Settle them first, while the connection lasts, as a warm shutdown does."""
+        if isinstance(exc, TRANSIENT_CHANNEL_ERRORS) and getattr(self, "pipeline", None):
+            if self.connection is not None and self.connection.connected:
+                with contextlib.suppress(Exception):
+                    _settle(self, self.pipeline)
+        super().on_connection_error_after_connected(exc)
+        if isinstance(exc, TRANSIENT_CHANNEL_ERRORS):
+            self._back_off_channel_error()
+
+    _channel_errors_streak = 0
+    _channel_error_at = 0.0
+
+    def _back_off_channel_error(self) -> None:
+        """The broker is up, so Celery reconnects at once: a 404/405 that does not clear
+        (a classic queue whose node is gone for good, a queue another connection holds)
+        would restart the consumer several times a second, a connection and a logged
+        traceback each, for as long as the worker lives. Back off exponentially (up to
+        ``CHANNEL_ERROR_MAX_BACKOFF_S``); a streak ends after a quiet minute."""
+        now = time.monotonic()
+        if now - self._channel_error_at > CHANNEL_ERROR_QUIET_S:
+            self._channel_errors_streak = 0
+        self._channel_error_at = now
+        delay = min(CHANNEL_ERROR_MAX_BACKOFF_S, 0.5 * 2**self._channel_errors_streak)
+        self._channel_errors_streak += 1
+        log.warning("consumer: a channel error again; reconnecting in %.1f s", delay)
+        time.sleep(delay)
 
     class Blueprint(CeleryConsumer.Blueprint):
         """Celery's consumer steps without ``DelayedDelivery``.

@@ -520,3 +520,86 @@ def test_a_request_queue_declared_otherwise_still_stops_the_worker(stack, downst
         assert "PRECONDITION_FAILED" in worker.log()
     finally:
         delete_queues(f"{service}_requests")
+
+
+def test_a_channel_error_that_never_goes_away_does_not_spin_the_consumer(stack, downstream):
+    """A 405 (or 404) that never clears - a queue of the worker's remote-control name held
+    for good by another connection, a classic queue whose node is gone - restarts the
+    consumer over and over. It must back off, not reconnect and log a traceback several
+    times a second for as long as the worker lives."""
+    service = unique_service("chanloop")
+    node = f"loop-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    holder = kombu.Connection(BROKER_URL)
+    holder.default_channel.queue_declare(f"{node}.celery.pidbox", exclusive=True)
+    try:
+        worker = stack.worker(service, downstream.url, "-n", node, named=False, wait=False)
+        wait_for(lambda: "RESOURCE_LOCKED" in worker.log(), 60, "the first 405")
+        before = worker.log().count("RESOURCE_LOCKED")
+        time.sleep(10)
+        restarts = worker.log().count("RESOURCE_LOCKED") - before
+        print("restarts in 10 s:", restarts, "log bytes:", len(worker.log()))
+        assert restarts <= 10, worker.log()[-3000:]
+    finally:
+        holder.release()
+
+
+
+def test_an_exchange_deleted_under_the_worker_restarts_it_without_losing_or_repeating_calls(
+    stack, downstream
+):
+    """An operator deletes Celery's ``celeryev`` exchange while a call is in flight. The
+    next event publish gets 404, which now restarts the consumer. The connection is
+    fine, yet Celery drops it (``on_connection_error_after_connected`` collects it)
+    before ``ForwardStep`` settles the calls in flight: the broker redelivers the
+    request and the restarted consumer makes the call again while the first still
+    runs. Without the retry the worker exited, but settled its call first: one call."""
+    service = unique_service("evdel")
+    worker = stack.worker(service, downstream.url)
+    gateway = stack.gateway()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(requests.post, f"{gateway.url}/{service}/sleep/4", data=b"a", timeout=60)
+        wait_for(lambda: any("/sleep/4" in s.raw_uri for s in downstream.seen), 30, "the call")
+        with kombu.Connection(BROKER_URL) as connection:
+            connection.default_channel.exchange_delete("celeryev")
+        fast = pool.submit(requests.post, f"{gateway.url}/{service}/echo", data=b"b", timeout=60)
+        assert slow.result().status_code == 200
+        assert fast.result().status_code == 200
+    time.sleep(2)
+    assert len([s for s in downstream.seen if "/sleep/4" in s.raw_uri]) == 1, worker.log()[-3000:]
+    assert worker.alive(), worker.log()[-3000:]
+    assert requests.post(f"{gateway.url}/{service}/echo", data=b"c", timeout=60).status_code == 200
+
+
+def test_a_malformed_message_is_not_lost_when_its_dead_queue_was_deleted(stack, downstream):
+    """An operator deletes ``<queue>.dead`` (say, after reading it) while the worker
+    runs. The dead letter is published to the default exchange, not mandatory: the
+    broker confirms a publish that reached no queue, and the original is acknowledged.
+    The next malformed message must not vanish: it stays in its queue, or the dead
+    queue is declared again and holds it."""
+    service = unique_service("deadgone")
+    stack.worker(service, downstream.url)
+    queue = f"{service}_requests"
+    delete_queues(queue + ".dead")
+    with kombu.Connection(BROKER_URL) as connection:
+        channel = connection.default_channel
+        channel.basic_publish(amqp.Message(b"\x00garbage", content_type="x/none"), "", queue)
+    time.sleep(3)
+    ready, unacked = queue_counts(queue)
+    dead = queue_counts(queue + ".dead")
+    assert (ready + unacked) == 1 or dead[0] == 1, (ready, unacked, dead)
+
+
+def test_a_worker_backing_off_a_channel_error_stops_promptly_on_sigterm(stack, downstream):
+    service = unique_service("chanterm")
+    node = f"term-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    holder = kombu.Connection(BROKER_URL)
+    holder.default_channel.queue_declare(f"{node}.celery.pidbox", exclusive=True)
+    try:
+        worker = stack.worker(service, downstream.url, "-n", node, named=False, wait=False)
+        wait_for(lambda: worker.log().count("RESOURCE_LOCKED") >= 5, 60, "a long backoff")
+        started = time.monotonic()
+        worker.popen.send_signal(15)
+        worker.popen.wait(30)
+        assert time.monotonic() - started < 12, worker.log()[-2000:]
+    finally:
+        holder.release()

@@ -346,3 +346,63 @@ def test_kept_leases_two_ticks_could_not_give_back_are_all_given_back_later():
     leases._shared.run = reach_redis
     leases._give_back_idle()
     assert store.zcard(key) == 0
+
+
+def test_calls_started_while_redis_was_down_that_fail_after_it_is_back_cut_once():
+    """Slots taken while Redis was down carry no count of cuts (lease None). When Redis is
+    back before they end, their failures are the one signal of one overshoot: they must
+    not each cut the shared limit (ARGV[8] '' compared as math.huge cuts every time)."""
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url(REDIS)
+    store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 40, "probing": 1})
+    shared = Shared(REDIS, [name])
+    leases = Leases(shared, name, None, 5.0, auto=(1, 100))
+    leases.release(leases.acquire(), ok=None)  # learns the limit: 40
+    assert leases.limit == 40
+    shared._down_until = time.monotonic() + 60  # Redis down for these calls' start
+    local = [leases.acquire() for _ in range(6)]
+    assert local == [None] * 6
+    shared._down_until = 0.0  # back before they end
+    for slot in local:
+        leases.release(slot, ok=False)
+    # one overshoot, one cut (to half: none of them holds a lease in Redis); each of the
+    # six cutting halves it six times, to the minimum
+    assert leases.limit == 20
+
+
+def test_a_redis_outage_after_a_long_local_climb_does_not_jump_the_local_limit():
+    """The local limit's count of calls since its last cut outlives the outage it was
+    counted in: after Redis cut the shared limit, the next outage's first success must
+    not take the limit (and this worker's local share) to the maximum in one call."""
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url(REDIS)
+    shared = Shared(REDIS, [name])
+    leases = Leases(shared, name, None, 5.0, auto=(1, 100))
+    shared._down_until = time.monotonic() + 600  # a long first outage without a failure
+    for _ in range(20000):
+        leases.release(leases.acquire(), ok=True)
+    assert leases.limit == 100
+    shared._down_until = 0.0  # Redis is back, where the fleet cut the limit to 4
+    store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 4, "probing": 1})
+    leases.release(leases.acquire(), ok=None)
+    assert leases.limit == 4
+    shared._down_until = time.monotonic() + 600  # the next outage
+    leases.release(leases.acquire(), ok=True)
+    assert leases.limit < 4 + 1
+
+
+def test_after_redis_went_back_to_an_older_count_of_cuts_one_overshoot_still_cuts_once():
+    """Redis restarted from an older snapshot (or failed over to a replica behind): the
+    limit's ``cuts`` is lower than the count the calls in flight were taken under. Their
+    failures, one overshoot, must cut once, not each (a lease ahead of the stored count
+    compares >= for ever, since each cut adds only one)."""
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url(REDIS)
+    auto = f"proxymq:flow:{{{name}}}:auto"
+    store.hset(auto, mapping={"limit": 40, "probing": 1, "cuts": 10})
+    leases = Leases(Shared(REDIS, [name]), name, None, 5.0, auto=(1, 100))
+    held = [leases.acquire() for _ in range(30)]
+    store.hset(auto, "cuts", 3)  # the older snapshot's count
+    for lease in held[:6]:
+        leases.release(lease, ok=False)
+    assert leases.limit == 29  # one cut, to the 29 calls still out

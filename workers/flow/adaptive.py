@@ -67,11 +67,17 @@ if ARGV[1] == '1' then
   else
     limit = limit + 1 / limit
   end
-elseif (tonumber(ARGV[8]) or math.huge) >= tonumber(redis.call('HGET', KEYS[2], 'cuts') or 0) then
-  local busy = redis.call('ZCARD', KEYS[1])
-  limit = math.max(math.min(limit * tonumber(ARGV[6]), busy), limit / 2)
-  redis.call('HSET', KEYS[2], 'since_cut', 0, 'probing', 1)
-  redis.call('HINCRBY', KEYS[2], 'cuts', 1)
+else
+  local cuts = tonumber(redis.call('HGET', KEYS[2], 'cuts') or 0)
+  local taken = tonumber(ARGV[8]) or math.huge
+  if taken >= cuts then
+    local busy = redis.call('ZCARD', KEYS[1])
+    limit = math.max(math.min(limit * tonumber(ARGV[6]), busy), limit / 2)
+    -- past the count this lease was taken under (a Redis gone back to an older count
+    -- must not let every lease taken before it cut)
+    if taken ~= math.huge and taken > cuts then cuts = taken end
+    redis.call('HSET', KEYS[2], 'since_cut', 0, 'probing', 1, 'cuts', cuts + 1)
+  end
 end
 if limit < min then limit = min end
 if limit > max then limit = max end
@@ -131,6 +137,14 @@ class LocalLimit:
         self._low, self._high = low, high
         self._round = self._since_cut = 0
         self._lock = threading.Lock()
+
+    def follow(self, limit: float) -> None:
+        """The shared limit Redis answered: the calls counted since this worker's last
+        local cut belong to another limit (an earlier outage's) and must not speed up
+        the probing from this one."""
+        with self._lock:
+            self.limit = limit
+            self._round = self._since_cut = 0
 
     def adjust(self, ok: bool, busy: int) -> float:
         """``busy``: this worker's calls still in flight under the limit."""

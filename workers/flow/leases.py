@@ -125,6 +125,7 @@ class Leases:
         self._held = 0  # this worker's calls in flight under the cap
         self._members: set[str] = set()  # its leases in Redis, renewed by the flow thread
         self._cuts: dict[str, int] = {}  # under auto: the limit's cuts each lease was taken at
+        self._seen_cuts: int | str = ""  # the cuts of the last lease taken: a local slot's
         self._renew = shared.redis.register_script(_RENEW)
         self._idle: list[str] = []  # leases kept for this worker's next call
         self._unreturned: list[str] = []  # kept leases a tick could not give back
@@ -168,7 +169,7 @@ class Leases:
                     return False
                 self._members.add(member)
                 if self.auto:
-                    self._cuts[member] = rest[1]
+                    self._cuts[member] = self._seen_cuts = rest[1]
                 if rest[0] * ROOMY > cap:
                     self._roomy = False  # only the tick finds room (``_give_back_idle``)
             self._held += 1
@@ -184,7 +185,9 @@ class Leases:
                 self._idle.append(lease)  # for the next call (``_give_back_idle``)
                 return
             self._members.discard(lease)
-            cuts = self._cuts.pop(lease, "")  # type: ignore[arg-type]
+            # A slot taken while Redis was down: as taken under the last cuts seen, so that
+            # the failures of the calls in flight at an outage's end cut once, not each.
+            cuts = self._cuts.pop(lease, "") if lease is not None else self._seen_cuts
         if self.auto is None or ok is None:
             if lease is not None:
                 self._shared.run(lambda r: r.zrem(self._key, lease))
@@ -244,6 +247,6 @@ class Leases:
 
     def _set_limit(self, limit: float) -> None:
         self.limit = limit
-        if self._local is not None:
-            self._local.limit = limit
+        if self._local is not None and self._local.limit != limit:
+            self._local.follow(limit)  # Redis's limit, not the local rule's
         metrics.concurrency_limit.labels(self._service).set(math.floor(limit))
