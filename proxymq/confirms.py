@@ -39,6 +39,16 @@ ACK, NACK, RETURNED, LOST = "ack", "nack", "returned", "lost"
 
 Settled = Callable[[str], None]
 
+# A returned message is told by its correlation id, or by this header, which a mandatory
+# message without one (a dead letter as it came) carries instead.
+PUBLISH_ID = "x-proxymq-publish-id"
+
+
+def _return_key(message: amqp.Message) -> str | None:
+    headers = message.properties.get("application_headers") or {}
+    return headers.get(PUBLISH_ID) or message.properties.get("correlation_id")
+
+
 log = logging.getLogger(__name__)
 
 
@@ -101,7 +111,7 @@ class ConfirmTracker:
         lane = self._lane
         lane.tag += 1
         tag = lane.tag
-        lane.pending[tag] = (message.properties.get("correlation_id"), settled)
+        lane.pending[tag] = (_return_key(message), settled)
         try:
             lane.channel.send_method(
                 spec.Basic.Publish, "Bssbb", (0, "", routing_key, mandatory, False), message
@@ -185,6 +195,6 @@ class ConfirmTracker:
                 settled(outcome)
 
     def _on_return(self, exc, exchange, routing_key, message) -> None:
-        key = message.properties.get("correlation_id")
+        key = _return_key(message)
         if key is not None:
             self._returned.add(key)

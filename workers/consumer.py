@@ -108,6 +108,8 @@ CHANNEL_ERROR_QUIET_S = 60.0
 
 class Consumer(CeleryConsumer):
     _events_flush_at = 0.0  # monotonic time of the scheduled flush; 0.0: none
+    _channel_errors_streak = 0  # restarts for a channel error in a row (``_back_off...``)
+    _channel_error_at = 0.0  # monotonic time of the last
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -120,16 +122,16 @@ class Consumer(CeleryConsumer):
         ``ForwardStep.stop`` could settle the calls in flight: the broker would redeliver
         their requests and the restarted consumer make each call again while the first
         still runs. Settle them first, while the connection lasts, as a warm shutdown does."""
-        if isinstance(exc, TRANSIENT_CHANNEL_ERRORS) and getattr(self, "pipeline", None):
-            if self.connection is not None and self.connection.connected:
-                with contextlib.suppress(Exception):
-                    _settle(self, self.pipeline)
+        transient = isinstance(exc, TRANSIENT_CHANNEL_ERRORS)
+        pipeline = getattr(self, "pipeline", None)
+        if transient and pipeline is not None:
+            try:
+                _settle(self, pipeline)
+            except Exception:  # the restart goes on; at worst a call is made again
+                log.exception("could not settle the calls in flight before restarting")
         super().on_connection_error_after_connected(exc)
-        if isinstance(exc, TRANSIENT_CHANNEL_ERRORS):
+        if transient:
             self._back_off_channel_error()
-
-    _channel_errors_streak = 0
-    _channel_error_at = 0.0
 
     def _back_off_channel_error(self) -> None:
         """The broker is up, so Celery reconnects at once: a 404/405 that does not clear

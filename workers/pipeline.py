@@ -287,7 +287,7 @@ class Pipeline:
             reason = f"{delivery.count - 1} deliveries, PROXYMQ_MAX_DELIVERIES is "
             reason += str(service.max_deliveries)
             poison.dead_letter(
-                self._publisher, message, service.name, reason, self._settler(message)
+                self._publisher, message, service.name, reason, self._dead_settler(message)
             )
             self._answer_poison(delivery, poison.poison_reply(delivery.count - 1))
 
@@ -296,7 +296,7 @@ class Pipeline:
             return
         queue = (message.delivery_info or {}).get("routing_key", "")
         service = queue.removesuffix(QUEUE_SUFFIX)
-        poison.dead_letter(self._publisher, message, service, reason, self._settler(message))
+        poison.dead_letter(self._publisher, message, service, reason, self._dead_settler(message))
         properties = message.properties or {}
         reply_to, correlation_id = properties.get("reply_to"), properties.get("correlation_id")
         if isinstance(reply_to, str) and isinstance(correlation_id, str) and reply_to:
@@ -591,6 +591,24 @@ class Pipeline:
             elif outcome == NACK:
                 _requeue(message)
             # LOST: the connection is gone, and with it the message's delivery.
+
+        return settled
+
+    def _dead_settler(self, message: Message) -> Callable[[str], None]:
+        """As ``_settler``, for a dead letter: one no queue took (its ``<queue>.dead`` was
+        deleted under the worker) was confirmed all the same, and acknowledging the
+        original lost it. The dead queue is declared again instead, and the original
+        requeued, to be dead-lettered into it when it comes back."""
+        settle = self._settler(message)
+        queue = (message.delivery_info or {}).get("routing_key", "")
+
+        def settled(outcome: str) -> None:
+            if outcome == RETURNED and queue in self.services:
+                log.warning("%s%s is gone: declaring it again", queue, poison.DEAD_SUFFIX)
+                self._publisher.declare_dead_queue(queue, self.services[queue], nowait=True)
+                _requeue(message)
+            else:
+                settle(outcome)
 
         return settled
 

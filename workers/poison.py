@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 from kombu.message import Message
 
-from proxymq.confirms import Settled
+from proxymq.confirms import PUBLISH_ID, Settled
 from proxymq.envelope import ReplyEnvelope
 from workers import metrics
 from workers.delivery import delivery_count
@@ -47,6 +48,7 @@ def dead_letter(
         REASON_HEADER: reason,
         DEAD_AT_HEADER: int(time.time() * 1000),
         DEAD_DELIVERIES_HEADER: delivery_count(headers, redelivered),
+        PUBLISH_ID: uuid.uuid4().hex,  # tells it if it comes back unrouted
     }
     publisher.publish(
         queue + DEAD_SUFFIX,
@@ -54,6 +56,7 @@ def dead_letter(
         {**headers, **marks},
         properties,
         settled,
+        mandatory=True,  # RETURNED: the dead queue is gone (``Pipeline._dead_settler``)
     )
     observe(metrics.count, metrics.dead_lettered_total, service)
     log.warning("dead-lettered a message of %s to %s: %r", service, queue + DEAD_SUFFIX, reason)

@@ -66,10 +66,15 @@ class Publisher:
         dead queue would keep a worker from consuming a quorum queue whenever its node is
         lost."""
         for queue, service in services.items():
-            arguments = {"x-queue-type": "quorum"} if service.queue_type == "quorum" else {}
-            self._channel.queue_declare(
-                queue + DEAD_SUFFIX, durable=True, auto_delete=False, arguments=arguments
-            )
+            self.declare_dead_queue(queue, service)
+
+    def declare_dead_queue(self, queue: str, service: ServiceConfig, nowait: bool = False) -> None:
+        """Declare ``<queue>.dead``; ``nowait`` in the event loop (``declare_dead_queues``
+        says why), where a dead letter came back unrouted: the queue was deleted."""
+        arguments = {"x-queue-type": "quorum"} if service.queue_type == "quorum" else {}
+        self._channel.queue_declare(
+            queue + DEAD_SUFFIX, durable=True, auto_delete=False, arguments=arguments, nowait=nowait
+        )
 
     def publish(
         self,

@@ -535,13 +535,10 @@ def test_a_channel_error_that_never_goes_away_does_not_spin_the_consumer(stack, 
         worker = stack.worker(service, downstream.url, "-n", node, named=False, wait=False)
         wait_for(lambda: "RESOURCE_LOCKED" in worker.log(), 60, "the first 405")
         before = worker.log().count("RESOURCE_LOCKED")
-        time.sleep(10)
-        restarts = worker.log().count("RESOURCE_LOCKED") - before
-        print("restarts in 10 s:", restarts, "log bytes:", len(worker.log()))
-        assert restarts <= 10, worker.log()[-3000:]
+        time.sleep(5)  # the rate is the feature: without the back-off, about 30 in 5 s
+        assert worker.log().count("RESOURCE_LOCKED") - before <= 8, worker.log()[-3000:]
     finally:
         holder.release()
-
 
 
 def test_an_exchange_deleted_under_the_worker_restarts_it_without_losing_or_repeating_calls(
@@ -564,18 +561,17 @@ def test_an_exchange_deleted_under_the_worker_restarts_it_without_losing_or_repe
         fast = pool.submit(requests.post, f"{gateway.url}/{service}/echo", data=b"b", timeout=60)
         assert slow.result().status_code == 200
         assert fast.result().status_code == 200
-    time.sleep(2)
+    # Served by the restarted consumer, after any redelivery of the slow request.
+    assert requests.post(f"{gateway.url}/{service}/echo", data=b"c", timeout=60).status_code == 200
     assert len([s for s in downstream.seen if "/sleep/4" in s.raw_uri]) == 1, worker.log()[-3000:]
     assert worker.alive(), worker.log()[-3000:]
-    assert requests.post(f"{gateway.url}/{service}/echo", data=b"c", timeout=60).status_code == 200
 
 
 def test_a_malformed_message_is_not_lost_when_its_dead_queue_was_deleted(stack, downstream):
     """An operator deletes ``<queue>.dead`` (say, after reading it) while the worker
-    runs. The dead letter is published to the default exchange, not mandatory: the
-    broker confirms a publish that reached no queue, and the original is acknowledged.
-    The next malformed message must not vanish: it stays in its queue, or the dead
-    queue is declared again and holds it."""
+    runs. A dead letter published to no queue was confirmed all the same, and the
+    original acknowledged: lost. The worker declares the dead queue again, and the
+    message ends there."""
     service = unique_service("deadgone")
     stack.worker(service, downstream.url)
     queue = f"{service}_requests"
@@ -583,10 +579,10 @@ def test_a_malformed_message_is_not_lost_when_its_dead_queue_was_deleted(stack, 
     with kombu.Connection(BROKER_URL) as connection:
         channel = connection.default_channel
         channel.basic_publish(amqp.Message(b"\x00garbage", content_type="x/none"), "", queue)
-    time.sleep(3)
-    ready, unacked = queue_counts(queue)
-    dead = queue_counts(queue + ".dead")
-    assert (ready + unacked) == 1 or dead[0] == 1, (ready, unacked, dead)
+    wait_for(lambda: queue_counts(queue + ".dead")[0] == 1, 30, "the dead letter")
+    wait_for(lambda: queue_counts(queue) == (0, 0), 30, "the original settled")
+    dead = _get_one(kombu.Connection(BROKER_URL).default_channel, queue + ".dead")
+    assert dead.body == b"\x00garbage"
 
 
 def test_a_worker_backing_off_a_channel_error_stops_promptly_on_sigterm(stack, downstream):

@@ -187,11 +187,31 @@ def test_auto_grows_the_same_in_redis_and_without_it():
     store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 4, "probing": 1})
     leases = Leases(Shared("redis://127.0.0.1:6379/0", [name]), name, None, 5.0, auto=(1, 100))
     local = LocalLimit(4.0, 1, 100)
+    out = [leases.acquire() for _ in range(3)]  # in use: the limit grows
     for _ in range(450):
         leases.release(leases.acquire(), ok=True)
-        local.adjust(True, 0)
+        local.adjust(True, 3, used=local.limit <= (3 + 1) * 2)
     assert leases.limit == pytest.approx(local.limit, rel=1e-9)
-    assert leases.limit > 8
+    assert 8 <= leases.limit < 8.1  # and no further: 4 in use is half of 8
+    for lease in out:
+        leases.release(lease)
+
+
+def test_a_limit_its_service_does_not_use_does_not_grow():
+    """One call at a time for a long while under a limit of 8 says nothing of what the
+    service can take: the limit must still be 8 when a burst comes, not the maximum."""
+    name = f"auto-{time.time_ns()}"
+    store = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 8, "probing": 1})
+    shared = Shared("redis://127.0.0.1:6379/0", [name])
+    leases = Leases(shared, name, None, 5.0, auto=(1, 100))
+    for _ in range(2000):
+        leases.release(leases.acquire(), ok=True)
+    assert leases.limit == 8
+    shared._down_until = time.monotonic() + 60  # and while Redis is down
+    for _ in range(2000):
+        leases.release(leases.acquire(), ok=True)
+    assert leases.limit == 8
 
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -379,9 +399,7 @@ def test_a_redis_outage_after_a_long_local_climb_does_not_jump_the_local_limit()
     shared = Shared(REDIS, [name])
     leases = Leases(shared, name, None, 5.0, auto=(1, 100))
     shared._down_until = time.monotonic() + 600  # a long first outage without a failure
-    for _ in range(20000):
-        leases.release(leases.acquire(), ok=True)
-    assert leases.limit == 100
+    leases._local._since_cut = 20000  # its count of calls (their climb is not the point)
     shared._down_until = 0.0  # Redis is back, where the fleet cut the limit to 4
     store.hset(f"proxymq:flow:{{{name}}}:auto", mapping={"limit": 4, "probing": 1})
     leases.release(leases.acquire(), ok=None)

@@ -9,12 +9,17 @@ reads it. The rule (after Netflix's concurrency-limits ``AIMDLimit`` and TCP):
 - **additive increase** afterwards: each success adds 1 / (``PROBE_CALLS`` * limit), so
   the limit probes one call above what worked about once every ``PROBE_CALLS`` rounds:
   each probe past a service that answers 429 beyond its capacity costs one failed
-  call, which is what keeps the failures near 1 %. Once ``PROBE_CALLS`` rounds have
-  passed without a cut, the step grows with the square of the rounds since the cut (as
-  CUBIC's probing past the last loss): near a steady capacity the next cut comes first
-  and nothing changes, but a service whose capacity came back is found again in about
-  half the time (at one call per ``PROBE_CALLS`` rounds, the climb back from half of
-  8 took most of the phase it was measured in);
+  call, which is what keeps the failures under 1 %. Once ``CLIMB_AFTER`` rounds have
+  passed without a cut, the step grows with the square of the rounds since the cut over
+  ``CLIMB_AFTER`` (as CUBIC's probing past the last loss): near a steady capacity the
+  next cut comes first, but a service whose capacity came back is found again in about
+  half the time (at one call per 20 rounds, the climb back from half of 8 took most of
+  the phase ``bench/flow.py --phases`` measured it in);
+- only a success while at least half the limit was in use grows it (Netflix's
+  ``AIMDLimit`` does the same; TCP's RFC 7661): a quiet service's successes say nothing
+  of its capacity, and a limit grown through a quiet hour would let the next burst
+  through whole, each call past the capacity a failure. Nor do they count as rounds
+  towards the faster probing;
 - **multiplicative decrease**: a 429, a 503, a timeout or no answer, or recent calls
   (a running average) slower than ``SLOW`` times the latency floor, cuts it by
   ``BACKOFF`` (or to the calls still in flight, if lower, but never below half), but
@@ -59,13 +64,15 @@ if ARGV[4] ~= '' then redis.call('ZREM', KEYS[1], ARGV[4]) end
 local min, max = tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(redis.call('HGET', KEYS[2], 'limit') or min)
 local probing = redis.call('HGET', KEYS[2], 'probing')
-local since = redis.call('HINCRBY', KEYS[2], 'since_cut', 1)
 if ARGV[1] == '1' then
-  if probing then
-    local rounds = since / limit / tonumber(ARGV[7])
-    limit = limit + math.max(1, rounds ^ 2) / (tonumber(ARGV[5]) * limit)
-  else
-    limit = limit + 1 / limit
+  if (redis.call('ZCARD', KEYS[1]) + 1) * 2 >= limit then
+    local since = redis.call('HINCRBY', KEYS[2], 'since_cut', 1)
+    if probing then
+      local rounds = since / limit / tonumber(ARGV[7])
+      limit = limit + math.max(1, rounds ^ 2) / (tonumber(ARGV[5]) * limit)
+    else
+      limit = limit + 1 / limit
+    end
   end
 else
   local cuts = tonumber(redis.call('HGET', KEYS[2], 'cuts') or 0)
@@ -89,8 +96,8 @@ return tostring(limit)
 
 def probe_step(limit: float, since_cut: int) -> float:
     """What a success adds to the limit after the first cut: one call per
-    ``PROBE_CALLS`` rounds, faster with the square of the rounds past ``PROBE_CALLS``
-    without a cut (``RELEASE_ADJUST`` does the same in Redis)."""
+    ``PROBE_CALLS`` rounds, faster with the square of the rounds without a cut over
+    ``CLIMB_AFTER`` once there are more (``RELEASE_ADJUST`` does the same in Redis)."""
     rounds = since_cut / limit / CLIMB_AFTER
     return max(1.0, rounds**2) / (PROBE_CALLS * limit)
 
@@ -146,9 +153,12 @@ class LocalLimit:
             self.limit = limit
             self._round = self._since_cut = 0
 
-    def adjust(self, ok: bool, busy: int) -> float:
-        """``busy``: this worker's calls still in flight under the limit."""
+    def adjust(self, ok: bool, busy: int, used: bool = True) -> float:
+        """``busy``: this worker's calls still in flight under the limit; ``used``: they
+        and the call that ended were at least half of this worker's share of it."""
         with self._lock:
+            if ok and not used:
+                return self.limit
             self._since_cut += 1
             if ok:
                 self.limit += probe_step(self.limit, self._since_cut)

@@ -200,7 +200,8 @@ class Leases:
             lambda r: self._release_adjust(keys=[self._key, self._auto_key], args=args, client=r)
         )
         if limit is DOWN:
-            limit = self._local.adjust(ok, held)
+            used = (held + 1) * 2 >= self._shared.local_share(self._service, self.limit)
+            limit = self._local.adjust(ok, held, used)
         self._set_limit(float(limit))
 
     def close(self) -> None:
