@@ -45,8 +45,15 @@ PUBLISH_ID = "x-proxymq-publish-id"
 
 
 def _return_key(message: amqp.Message) -> str | None:
+    """The header when it is a string (a message published again keeps its client's
+    headers, and a table or an array there cannot be looked up in a set), else the
+    correlation id."""
     headers = message.properties.get("application_headers") or {}
-    return headers.get(PUBLISH_ID) or message.properties.get("correlation_id")
+    key = headers.get(PUBLISH_ID) if isinstance(headers, dict) else None
+    if isinstance(key, str) and key:
+        return key
+    correlation_id = message.properties.get("correlation_id")
+    return correlation_id if isinstance(correlation_id, str) else None
 
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ the task events, node names, deadlines, Celery's remote control and ``-c``."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import socket
@@ -599,3 +600,52 @@ def test_a_worker_backing_off_a_channel_error_stops_promptly_on_sigterm(stack, d
         assert time.monotonic() - started < 12, worker.log()[-2000:]
     finally:
         holder.release()
+
+
+def test_a_publish_id_header_of_a_hostile_request_does_not_break_the_worker(stack, downstream):
+    """The confirm tracker tells a returned message by its ``x-proxymq-publish-id``
+    header, and looks up every confirmed publish's header in a set. A request published
+    again by the worker (``Verdict.AGAIN``: here a job reaching a worker without a result
+    store; a classic queue's redelivery does the same) keeps the client's headers, and a
+    client that can publish to the request queue can make that header a table: hashing it
+    raises ``TypeError`` out of the broker's ack, in the consumer's event loop. The
+    worker must go on serving (the header is only ever the worker's own string)."""
+    service = unique_service("pubid")
+    worker = stack.worker(service, downstream.url)
+    queue = f"{service}_requests"
+    task = {"task": "proxymq.forward", "lang": "py"}
+    try:
+        with kombu.Connection(BROKER_URL) as connection:
+            channel = connection.channel()
+            reply_queue, _, _ = channel.queue_declare("", exclusive=True)
+            producer = kombu.Producer(channel)
+            hostile = f"hostile-{uuid.uuid4().hex[:8]}"
+            producer.publish(
+                task_body([_envelope(service, job=True)]),
+                routing_key=queue,
+                content_type="application/x-msgpack",
+                content_encoding="binary",
+                headers={**task, "id": hostile, "x-proxymq-publish-id": {"a": 1}},
+                correlation_id=hostile,
+            )
+            time.sleep(2)
+            honest = f"honest-{uuid.uuid4().hex[:8]}"
+            producer.publish(
+                task_body([_envelope(service)]),
+                routing_key=queue,
+                content_type="application/x-msgpack",
+                content_encoding="binary",
+                headers={**task, "id": honest},
+                correlation_id=honest,
+                reply_to=reply_queue,
+            )
+            reply = None
+            with contextlib.suppress(AssertionError):
+                reply = _get_one(channel, reply_queue, timeout=15)
+        assert reply is not None, worker.log()[-3000:]
+        assert reply.properties["correlation_id"] == honest
+        assert decode_reply(reply.body).status == 200
+        assert "TypeError" not in worker.log(), worker.log()[-3000:]
+        assert worker.alive(), worker.log()[-3000:]
+    finally:
+        delete_queues(queue, queue + ".dead")
