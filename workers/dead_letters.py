@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from proxymq.confirms import PUBLISH_ID
 from proxymq.envelope import (
     CONTENT_TYPE,
     DELIVERIES_HEADER,
@@ -55,6 +56,7 @@ _DROPPED_HEADERS = frozenset(
         REASON_HEADER,
         DEAD_AT_HEADER,
         DEAD_DELIVERIES_HEADER,
+        PUBLISH_ID,
     }
 )
 # Properties the copy does not keep: a new deadline, nobody waiting, a new publisher.

@@ -162,6 +162,7 @@ def dead_letter(job: bool = False):
     body, headers, properties = task_message(request, "cid-1", "amq.gen-reply")
     headers["proxymq_sent"] -= 30_000  # sent 29 s before its deadline (the budget)
     headers |= {DELIVERIES_HEADER: 4, "x-delivery-count": 3, "x-proxymq-dead-reason": "r"}
+    headers["x-proxymq-publish-id"] = "the dead letter's own"
     return body, headers, properties
 
 
@@ -170,6 +171,7 @@ def test_a_replay_is_a_fresh_first_delivery_with_a_fresh_deadline_and_no_reply_q
     copy = dead_letters.replay_of(body, headers, properties)
     assert DELIVERIES_HEADER not in copy.headers and "x-delivery-count" not in copy.headers
     assert "x-proxymq-dead-reason" not in copy.headers
+    assert "x-proxymq-publish-id" not in copy.headers
     assert copy.headers["x-proxymq-replayed"] == 1
     assert "reply_to" not in copy.properties
     assert copy.properties["correlation_id"] == "cid-1"
