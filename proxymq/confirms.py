@@ -118,7 +118,9 @@ class ConfirmTracker:
         lane = self._lane
         lane.tag += 1
         tag = lane.tag
-        lane.pending[tag] = (_return_key(message), settled)
+        # Only a mandatory message can come back: the others need no key (nor the
+        # header look-up, on every reply a worker publishes).
+        lane.pending[tag] = (_return_key(message) if mandatory else None, settled)
         try:
             lane.channel.send_method(
                 spec.Basic.Publish, "Bssbb", (0, "", routing_key, mandatory, False), message

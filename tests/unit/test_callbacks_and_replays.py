@@ -80,9 +80,14 @@ def test_a_submitter_has_at_most_per_submitter_in_flight_however_many_hosts_it_n
     assert fair.held(callback("tarpit0.example", submitter="attacker")) == (10, 1)
     fair.put(callback("good.example", 20, "good"))
     assert take_now(fair).correlation_id == "c20"  # the attacker's 4 wait, not the good one
-    assert take_now(fair) is None  # the attacker has its 4 in flight, nobody else waits
+    waiting: list[Callback] = []
+    taker = threading.Thread(target=lambda: waiting.append(fair.take()), daemon=True)
+    taker.start()
+    taker.join(0.2)
+    assert not waiting  # the attacker has its 4 in flight, nobody else waits
     fair.done(taken[0])
-    time.sleep(0.2)  # the waiting thread above took the attacker's next
+    taker.join(5)
+    assert [c.host for c in waiting] == ["tarpit4.example"]  # the attacker's next
     assert fair.held(callback("x", submitter="attacker")) == (9, 0)
     assert take_now(fair) is None
 
