@@ -4,6 +4,7 @@ across workers, counted at the downstream (``CapacityStub``), never at the worke
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import subprocess
@@ -403,6 +404,53 @@ def private_redis():
     server.start()
     yield server
     server.stop()
+
+
+def test_a_redis_stall_leaves_no_lease_held_by_no_call(
+    stack, gateway, capacity_stub, service, private_redis
+):
+    """Redis stalls (a fork, a slow command, a failover) while calls take and give back
+    leases under a fixed cap. A command the worker gave up on after ``TIMEOUT_S`` still
+    runs once Redis answers: a lease taken for a call that went on with a local slot, or
+    one whose ``ZREM`` timed out, stayed in the set unknown to the worker for
+    PROXYMQ_DOWNSTREAM_TIMEOUT + 10 s, the cap held by no call and every worker's calls
+    waiting (found by attacking the round's change)."""
+    stack.worker(
+        service,
+        capacity_stub.url,
+        "-c",
+        "8",
+        PROXYMQ_RESULT_URL=private_redis.url,
+        PROXYMQ_MAX_CONCURRENCY="2",
+        PROXYMQ_DOWNSTREAM_TIMEOUT="20",
+    )
+    shared = redis.Redis(port=private_redis.port)
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(requests.RequestException):
+                get(gateway, service, "/work/0.1", timeout=8)
+
+    def more_calls(n: int) -> None:
+        before = len(capacity_stub.calls("/work"))
+        wait_for(lambda: len(capacity_stub.calls("/work")) >= before + n, 30, "calls going on")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        loaders = [pool.submit(load) for _ in range(8)]
+        try:
+            for _ in range(2):
+                more_calls(4)
+                shared.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # as DEBUG SLEEP
+                shared.ping()  # answered when the pause is over
+            more_calls(8)
+        finally:
+            stop.set()
+        for loader in loaders:
+            loader.result()
+    leases = f"proxymq:flow:{{{service}}}:leases"
+    wait_for(lambda: shared.zrange(leases, 0, -1) == [], 5, "no lease held by no call")
+    assert get(gateway, service, "/work/0", timeout=8).status_code == 200
 
 
 def test_with_redis_down_each_worker_keeps_its_share_and_nothing_stops(

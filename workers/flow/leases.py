@@ -149,6 +149,7 @@ class Leases:
         fixed = 0 if self.auto else int(self.limit)
         start = self.auto[0] if self.auto else 0
         args = [fixed, self._ms, member, start]
+        was_down = self._shared.degraded  # then ``run`` may not have sent it at all
         answer = self._shared.run(
             lambda r: self._acquire(
                 keys=[self._key, self._auto_key, self._pause_key], args=args, client=r
@@ -156,6 +157,10 @@ class Leases:
         )
         with self._lock:
             if answer is DOWN:
+                if self.auto is None and not was_down:
+                    # Timed out, not refused: the script may still run once Redis answers
+                    # again, leaving a lease no call holds. The tick takes it back.
+                    self._unreturned.append(member)
                 if self._held >= self._shared.local_share(self._service, self.limit):
                     return False
                 member = None
@@ -189,8 +194,12 @@ class Leases:
             # the failures of the calls in flight at an outage's end cut once, not each.
             cuts = self._cuts.pop(lease, "") if lease is not None else self._seen_cuts
         if self.auto is None or ok is None:
-            if lease is not None:
-                self._shared.run(lambda r: r.zrem(self._key, lease))
+            kept = (
+                lease is not None and self._shared.run(lambda r: r.zrem(self._key, lease)) is DOWN
+            )
+            if kept and self.auto is None:  # the tick gives it back (none runs under auto)
+                with self._lock:
+                    self._unreturned.append(lease)
             return
         low, high = self.auto
         verdict = "1" if ok else "0"
